@@ -1,0 +1,50 @@
+"""The `lmlab` command: a thin layer that parses arguments and calls library functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lmlab.errors import LmlabError
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from lmlab.config import PRESETS, get_preset, resolve_model_config, load_yaml
+    from lmlab.summary import describe, format_count
+
+    names = sorted(PRESETS) if args.preset == "all" else [args.preset]
+    for name in names:
+        cfg = resolve_model_config(load_yaml(name).get("model", {})) if name.endswith((".yaml", ".yml")) else get_preset(name)
+        info = describe(cfg)
+        if args.json:
+            print(json.dumps(info))
+            continue
+        active = "" if info["active_parameters"] == info["parameters"] else f"  active {format_count(info['active_parameters'])}"
+        print(f"{info['name']:<18} total {format_count(info['parameters'])} ({info['parameters']:,}){active}"
+              f"  [{info['reference']}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmlab", description="A from-scratch lab for language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="print parameter counts of a preset (or 'all', or a recipe YAML)")
+    p.add_argument("preset")
+    p.add_argument("--json", action="store_true", help="one JSON object per model")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except LmlabError as e:
+        print(f"lmlab: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

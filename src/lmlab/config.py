@@ -1,0 +1,284 @@
+"""Model configuration: one frozen dataclass that describes every family we support, the
+named presets for real checkpoints and micro models, and strict loading from dicts/YAML.
+
+Layer-wise scaling (OpenELM) is expressed here as per-layer tuples; the model code only
+ever asks `cfg.layer_heads(i)` and friends, so there is no separate code path for it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from lmlab.errors import LmlabError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `llama3`: Llama 3.1's smooth low/high-frequency rescale.
+    `linear`: positions divided by `factor` (position interpolation)."""
+
+    kind: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("llama3", "linear"):
+            raise LmlabError(f"rope_scaling.kind must be 'llama3' or 'linear', got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "custom"
+    # Which checkpoint layout the interop layer uses for this model.
+    family: str = "llama"
+    vocab_size: int = 32000
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: multi-head attention (= n_heads)
+    head_dim: int | None = None  # None: d_model // n_heads
+    ffn_hidden: int = 11008
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_embeddings: bool = False
+    attn_bias: bool = False  # bias on q/k/v projections
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys (OpenELM)
+    sliding_window: int | None = None  # attend to at most this many previous tokens
+    # Layer-wise scaling: one entry per layer; None means "the uniform value above".
+    n_heads_per_layer: tuple[int, ...] | None = None
+    n_kv_heads_per_layer: tuple[int, ...] | None = None
+    ffn_hidden_per_layer: tuple[int, ...] | None = None
+    # Sparse mixture of experts: n_experts == 0 means a dense SwiGLU FFN in every layer.
+    n_experts: int = 0
+    top_k: int = 0
+    moe_aux_loss_weight: float = 0.0
+    moe_z_loss_weight: float = 0.0
+    init_std: float = 0.02
+    # Free-form provenance shown by `lmlab inspect` (e.g. the published parameter count).
+    reference: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise LmlabError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise LmlabError(
+                f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "set head_dim explicitly or choose a divisible pair"
+            )
+        if self.head_dim is not None and self.head_dim % 2:
+            raise LmlabError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("n_heads_per_layer", "n_kv_heads_per_layer", "ffn_hidden_per_layer"):
+            values = getattr(self, name)
+            if values is not None and len(values) != self.n_layers:
+                raise LmlabError(
+                    f"model.{name} has {len(values)} entries but n_layers={self.n_layers}; "
+                    "give exactly one value per layer"
+                )
+        for i in range(self.n_layers):
+            h, kv = self.layer_heads(i), self.layer_kv_heads(i)
+            if h % kv:
+                raise LmlabError(
+                    f"layer {i}: n_heads={h} is not a multiple of n_kv_heads={kv} "
+                    "(grouped-query attention shares each KV head among a whole group)"
+                )
+        if self.n_experts and not 0 < self.top_k <= self.n_experts:
+            raise LmlabError(
+                f"model.top_k must be in 1..n_experts={self.n_experts}, got {self.top_k}"
+            )
+
+    # ---- per-layer views (layer-wise scaling lives here, not in the model code) ----
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    def layer_heads(self, i: int) -> int:
+        return self.n_heads_per_layer[i] if self.n_heads_per_layer else self.n_heads
+
+    def layer_kv_heads(self, i: int) -> int:
+        if self.n_kv_heads_per_layer:
+            return self.n_kv_heads_per_layer[i]
+        return self.n_kv_heads if self.n_kv_heads is not None else self.layer_heads(i)
+
+    def layer_ffn(self, i: int) -> int:
+        return self.ffn_hidden_per_layer[i] if self.ffn_hidden_per_layer else self.ffn_hidden
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        return from_mapping(cls, data, where="model")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------
+# Strict mapping -> frozen dataclass (shared by every config in the project)
+# ---------------------------------------------------------------------------------------
+
+
+def _unknown_key_error(key: str, valid: list[str], where: str) -> LmlabError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(valid))}"
+    return LmlabError(f"unknown key {where}.{key!r}: {hint}")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Turn YAML/JSON values into the annotated type (nested dataclasses, tuples, optionals)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], where) if len(non_none) == 1 else value
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, Mapping):
+            raise LmlabError(f"{where} must be a mapping, got {type(value).__name__}")
+        return from_mapping(annotation, value, where=where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise LmlabError(f"{where} must be a list, got {type(value).__name__}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and not isinstance(value, annotation):
+        if annotation is float and isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "1e-5" as a string
+            except ValueError:
+                pass
+        raise LmlabError(f"{where} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def from_mapping(cls: type, data: Mapping[str, Any], where: str = "config") -> Any:
+    """Build the frozen dataclass `cls` from `data`; unknown keys name the closest valid key."""
+    if not isinstance(data, Mapping):
+        raise LmlabError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints or key not in valid:
+            raise _unknown_key_error(str(key), valid, where)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise LmlabError(f"{where}: {e}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise LmlabError(f"config file not found: {path} (check the path, or list recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise LmlabError(f"{path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LmlabError(f"{path} must contain a mapping at the top level")
+    return data
+
+
+# ---------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------
+
+PRESETS: dict[str, ModelConfig] = {}
+
+
+def register(cfg: ModelConfig) -> ModelConfig:
+    PRESETS[cfg.name] = cfg
+    return cfg
+
+
+register(ModelConfig(
+    name="llama2-7b", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
+    ffn_hidden=11008, max_seq_len=4096, norm_eps=1e-5, rope_theta=10000.0,
+    reference="Llama 2 7B: 6.74B parameters",
+))
+register(ModelConfig(
+    name="tinyllama-1.1b", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32,
+    n_kv_heads=4, ffn_hidden=5632, max_seq_len=2048, norm_eps=1e-5, rope_theta=10000.0,
+    reference="TinyLlama 1.1B: 1.10B parameters",
+))
+register(ModelConfig(
+    name="llama3-8b", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+    ffn_hidden=14336, max_seq_len=8192, norm_eps=1e-5, rope_theta=500000.0,
+    reference="Llama 3 8B: 8.03B parameters",
+))
+register(PRESETS["llama3-8b"].replace(
+    name="llama3.1-8b", max_seq_len=131072,
+    rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+    reference="Llama 3.1 8B: 8.03B parameters",
+))
+register(ModelConfig(
+    name="phi3-mini-4k", family="phi3", vocab_size=32064, d_model=3072, n_layers=32,
+    n_heads=32, ffn_hidden=8192, max_seq_len=4096, norm_eps=1e-5, rope_theta=10000.0,
+    sliding_window=2047, reference="Phi-3-mini: 3.82B parameters",
+))
+# Micro models for tests and CPU runs.
+register(ModelConfig(
+    name="micro", vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4,
+    ffn_hidden=688, max_seq_len=256, reference="benchmark model, ~8.5M parameters",
+))
+register(ModelConfig(
+    name="nano", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+    ffn_hidden=172, max_seq_len=128, reference="unit-test model",
+))
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.4)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise LmlabError(
+            f"unknown model preset {name!r}.{hint} Known presets: {', '.join(sorted(PRESETS))}"
+        )
+    return PRESETS[name]
+
+
+def resolve_model_config(spec: str | Mapping[str, Any] | ModelConfig) -> ModelConfig:
+    """A preset name, a mapping (optionally with `preset:` as the base), or a config."""
+    if isinstance(spec, ModelConfig):
+        return spec
+    if isinstance(spec, str):
+        return get_preset(spec)
+    data = dict(spec)
+    base = data.pop("preset", None)
+    if base is None:
+        return ModelConfig.from_dict(data)
+    merged = {**get_preset(base).to_dict(), **data}
+    return ModelConfig.from_dict(merged)
+
+
+__all__ = [
+    "ModelConfig", "RopeScaling", "PRESETS", "get_preset", "register", "from_mapping",
+    "load_yaml", "resolve_model_config",
+]
