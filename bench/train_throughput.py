@@ -6,7 +6,7 @@ MFU = 6 * N * tokens/s / peak, with N the parameters that take part in matmuls (
 the input embedding lookup) and peak this machine's GEMM throughput for the same dtype,
 measured below on square matmuls.
 
-    PYTHONPATH=src python bench/train_throughput.py [--rounds 4] [--threads 2] [--compile]
+    PYTHONPATH=src python bench/train_throughput.py [--rounds 4] [--threads 2] [--no-compile]
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=4, help="timed steps per configuration")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--compile", action="store_true", help="also time lmlab under torch.compile")
+    ap.add_argument("--no-compile", action="store_true", help="skip lmlab under torch.compile (~1 min to compile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -125,7 +125,7 @@ def main() -> None:
         print("LitGPT not installed: skipped")
     runs += [("lmlab", ours, "float32"), ("lmlab", ours, "bf16"),
              ("lmlab chunked CE", lambda: ours(loss_chunk=512), "bf16")]
-    if args.compile:
+    if not args.no_compile:
         runs += [("lmlab compiled", lambda: ours(compile_=True), "bf16")]
     trainers = [Trainer(build, precision) for _, build, precision in runs]
     for tr in trainers:  # warm-up: allocator, oneDNN primitive caches, compilation

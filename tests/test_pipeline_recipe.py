@@ -56,3 +56,37 @@ def test_unique_run_dir_never_reuses(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a-2").mkdir()
     assert unique_run_dir(tmp_path, "a") == tmp_path / "a-3"
+
+
+def test_pretrain_stage_writes_a_loadable_model_metrics_and_plot(tmp_path):
+    # The stage with in-memory artifacts (tokenizer/shards stages are tested with their modules).
+    import json
+
+    import torch
+
+    from lmlab.checkpoint import load_model
+    from lmlab.pipeline import Context
+
+    class Tok:
+        vocab_size = 40
+
+        def save(self, path):
+            open(path, "w").write("{}")
+
+    class Seqs(list):
+        seq_len = 16
+
+    g = torch.Generator().manual_seed(0)
+    data = Seqs(torch.randint(0, 40, (12, 17), generator=g))
+    recipe, _ = load_recipe(None, ["model={preset: nano, max_seq_len: 16, n_layers: 1}",
+                                    "train={steps: 3, batch_size: 4, log_every: 1, progress: false}"])
+    ctx = Context(tmp_path, recipe, echo=lambda s: None,
+                  artifacts={"tokenizer": Tok(), "train_data": data, "val_data": Seqs(data[:4])})
+    STAGES["pretrain"](ctx)
+    model = load_model(tmp_path / "model")
+    assert model.config.vocab_size == 40 and model.config.n_layers == 1
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3]
+    assert any("val_loss" in l for l in lines)
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "checkpoints/step-3/tokenizer.json").is_file()
