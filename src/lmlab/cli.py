@@ -49,6 +49,18 @@ def _recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--run-dir", help="where metrics, checkpoints and the model go (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from lmlab.interop import hf
+
+    if args.direction == "from-hf":
+        import torch
+
+        dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+        out = hf.convert_from_hf(args.src, args.out, dtype=dtype)
+    else:
+        out = hf.convert_to_hf(args.src, args.out, max_shard_bytes=hf.parse_size(args.max_shard_size))
+    print(f"wrote {out}")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="A from-scratch lab for language models.")
@@ -66,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole default pipeline on the embedded corpus (a few minutes on CPU)")
     _recipe_args(p, required=False)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and lmlab formats")
+    p.add_argument("direction", choices=["from-hf", "to-hf"],
+                   help="from-hf: HF model dir -> lmlab dir; to-hf: lmlab dir -> HF model dir")
+    p.add_argument("src", help="directory to read")
+    p.add_argument("out", help="new (or empty) directory to write")
+    p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
+                   help="from-hf: cast the weights (default: keep the stored dtype)")
+    p.add_argument("--max-shard-size", default="5GB", help="to-hf: shard the weights above this size (default 5GB)")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
