@@ -173,3 +173,27 @@ def test_sampler_order_independent_of_micro_batch():
     b = ShuffledBatches(data, seed=3, collate=list)
     assert a.next_batch(8) + a.next_batch(8) == sum((b.next_batch(2) for _ in range(8)), [])
     assert sorted(ShuffledBatches(data, seed=3, collate=list).next_batch(10)) == data
+
+
+def test_bf16_autocast_tracks_float32(tmp_path):
+    data = tokens()
+    a = train(fresh(), LanguageModeling(), data, quiet(steps=4, batch_size=4), tmp_path / "a")
+    b = train(fresh(), LanguageModeling(), data, quiet(steps=4, batch_size=4, precision="bf16"), tmp_path / "b")
+    assert b.losses == pytest.approx(a.losses, rel=2e-2)
+
+
+def test_chunked_cross_entropy_matches_plain(tmp_path):
+    model, x = fresh(), torch.stack(tokens(4))
+    plain, _ = LanguageModeling()(model, x)
+    chunked, _ = LanguageModeling(loss_chunk=7)(model, x)
+    torch.testing.assert_close(chunked, plain)
+    expected = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    torch.testing.assert_close(plain, expected)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    data = tokens()
+    a = train(fresh(), LanguageModeling(), data, quiet(steps=2, batch_size=4), tmp_path / "a")
+    b = train(fresh(), LanguageModeling(), data, quiet(steps=2, batch_size=4, compile=True), tmp_path / "b")
+    assert b.losses == pytest.approx(a.losses, rel=1e-4)
