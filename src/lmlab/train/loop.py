@@ -178,7 +178,8 @@ def train(model: nn.Module, objective: Objective, data: Any, cfg: TrainConfig,
                              "run, or choose a new run directory")
         torch.manual_seed(cfg.seed)
 
-    val_batches = FixedBatches(val_data, cfg.micro, cfg.eval_batches) if val_data is not None else None
+    has_val = val_data is not None and len(val_data) > 0
+    val_batches = FixedBatches(val_data, cfg.micro, cfg.eval_batches) if has_val else None
     forward = torch.compile(objective.__call__) if cfg.compile else objective
     log = MetricsLog(run_dir / METRICS_FILE, start if resume else None)
     params = [p for g in optimizer.param_groups for p in g["params"]]
