@@ -471,7 +471,8 @@ def save_hf(model, out_dir: str | Path, token_ids: Mapping[str, Any] | None = No
         "architectures": [family.architectures[0]],
         "model_type": family.model_types[0],
         **family.config_to_hf(cfg),
-        **{k: v for k, v in (token_ids or {}).items() if k in TOKEN_ID_KEYS},
+        # Unknown ids are written as null: the family's defaults name another tokenizer's ids.
+        **{k: (token_ids or {}).get(k) for k in TOKEN_ID_KEYS},
         "dtype": _dtype_name(model.embed.weight.dtype),
     }
     out_dir = Path(out_dir)
