@@ -146,3 +146,56 @@ def test_phi3_export_refuses_biases(tmp_path):
 
     with pytest.raises(LmlabError, match="q/k/v biases"):
         save_hf(build_model(get_preset("nano").replace(family="phi3", attn_bias=True)), tmp_path / "o")
+
+
+LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.3, 2.1, 3.7], "long_factor": [1.1, 2.9, 7.5, 19.0]}
+
+
+@pytest.fixture(scope="module")
+def longrope_dir(tmp_path_factory):
+    hf = tiny_hf_model(Phi3ForCausalLM, Phi3Config, **{**CONFIG, "original_max_position_embeddings": 16},
+                       num_key_value_heads=2, rope_scaling=LONGROPE)
+    path = tmp_path_factory.mktemp("longrope")
+    hf.save_pretrained(path)
+    return path, hf
+
+
+@pytest.mark.parametrize("t", [12, 16, 17, 30])  # short factors up to 16 positions, long beyond
+def test_longrope_matches_transformers_below_and_beyond_the_original_length(longrope_dir, t):
+    path, hf = longrope_dir
+    ours = load_model(path)
+    rope = ours.config.rope_scaling
+    assert rope.kind == "longrope" and rope.original_max_seq_len == 16 and rope.factor == 4.0
+    assert rope.attention_factor == pytest.approx((1 + torch.log(torch.tensor(4.0)).item() / torch.log(torch.tensor(16.0)).item()) ** 0.5)
+    x = ids(t)
+    with torch.no_grad():
+        assert max_diff(ours(x), hf_logits(hf, x)) <= TOL
+
+
+def test_longrope_factors_matter(longrope_dir):
+    path, hf = longrope_dir
+    ours = load_hf_model(path)
+    rope = ours.config.rope_scaling
+    x = ids(30)
+    want = hf_logits(hf, x)
+    short_only = model_from_state_dict(ours.config.replace(rope_scaling=rope.__class__(
+        **{**rope.__dict__, "long_factor": rope.short_factor})), ours.state_dict())
+    no_scaling = model_from_state_dict(ours.config.replace(rope_scaling=None), ours.state_dict())
+    with torch.no_grad():
+        assert max_diff(short_only(x), want) > WRONG
+        assert max_diff(no_scaling(ids(12)), hf_logits(hf, ids(12))) > WRONG
+
+
+def test_longrope_export_round_trip(longrope_dir, tmp_path):
+    path, hf = longrope_dir
+    ours = load_hf_model(path)
+    save_hf(ours, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["original_max_position_embeddings"] == 16 and config["max_position_embeddings"] == 64
+    assert set(config["rope_scaling"]) == {"type", "short_factor", "long_factor"}  # what transformers 4.x accepts
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    for t in (12, 30):
+        x = ids(t)
+        with torch.no_grad():
+            assert max_diff(hf_logits(back, x), hf_logits(hf, x)) <= TOL
+    assert hf_config_to_model_config(config) == ours.config.replace(name=hf_config_to_model_config(config).name)

@@ -153,9 +153,28 @@ def rope_from_hf(hf: Mapping[str, Any], default_theta: float = 10000.0) -> tuple
             high_freq_factor=float(scaling["high_freq_factor"]),
             original_max_seq_len=int(scaling["original_max_position_embeddings"]),
         )
+    if kind in ("longrope", "su"):  # "su" is Phi-3's first name for it
+        return theta, _longrope_from_hf(hf, scaling)
     raise LmlabError(
-        f"config.json uses rope_type={kind!r}; lmlab supports 'default', 'linear' and 'llama3'"
+        f"config.json uses rope_type={kind!r}; lmlab supports 'default', 'linear', 'llama3' and 'longrope'"
     )
+
+
+def _longrope_from_hf(hf: Mapping[str, Any], scaling: Mapping[str, Any]) -> RopeScaling:
+    # Phi-3 keeps the pretraining length at the top level, and transformers prefers it there.
+    original = int(hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+                   or hf["max_position_embeddings"])
+    factor = float(scaling.get("factor") or hf["max_position_embeddings"] / original)
+    rope = RopeScaling(kind="longrope", factor=factor, original_max_seq_len=original,
+                       short_factor=tuple(map(float, scaling["short_factor"])),
+                       long_factor=tuple(map(float, scaling["long_factor"])))
+    given = scaling.get("attention_factor")
+    if given is not None and abs(float(given) - rope.attention_factor) > 1e-12:
+        raise LmlabError(
+            f"config.json sets longrope attention_factor={given}, but lmlab derives it from factor "
+            f"({rope.attention_factor}); this model cannot be converted exactly"
+        )
+    return rope
 
 
 def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -163,16 +182,24 @@ def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     a scaling they do not find under `rope_scaling`, so that is written too."""
     s = cfg.rope_scaling
     if s is None:
-        scaling = None
-    elif s.kind == "linear":
-        scaling = {"rope_type": "linear", "factor": s.factor}
-    else:
-        scaling = {
-            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_seq_len,
-        }
-    params = {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta}
-    return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling, "rope_parameters": params}
+        return {"rope_theta": cfg.rope_theta, "rope_scaling": None,
+                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+    if s.kind == "linear":
+        fields = {"factor": s.factor}
+    elif s.kind == "llama3":
+        fields = {"factor": s.factor, "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                  "original_max_position_embeddings": s.original_max_seq_len}
+    else:  # longrope
+        fields = {"short_factor": list(s.short_factor), "long_factor": list(s.long_factor)}
+        # Older transformers accept exactly {type, short_factor, long_factor} for Phi-3 and
+        # derive `factor` from max_position_embeddings / original_max_position_embeddings.
+        if s.factor != cfg.max_seq_len / s.original_max_seq_len:
+            fields["factor"] = s.factor
+    legacy = {"type": s.kind, **fields}
+    params = {"rope_type": s.kind, **fields, "rope_theta": cfg.rope_theta}
+    if s.kind == "longrope":
+        params["original_max_position_embeddings"] = s.original_max_seq_len
+    return {"rope_theta": cfg.rope_theta, "rope_scaling": legacy, "rope_parameters": params}
 
 
 def base_config_from_hf(hf: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
