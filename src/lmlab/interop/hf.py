@@ -462,23 +462,27 @@ def write_safetensors_shards(tensors: Iterable[tuple[str, torch.Tensor]], out_di
         shards.append((tmp, list(current)))
         current.clear()
 
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            flush()
-            size = 0
-        current[name] = tensor.detach().contiguous().cpu()
-        size += nbytes
-        total += nbytes
-    flush()
-    if len(shards) == 1:
-        names = [SINGLE_FILE]
-    else:
-        n = len(shards)
-        names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-    for (tmp, _), name in zip(shards, names):
-        with atomic_path(out_dir / name) as dest:
-            tmp.replace(dest)
+    try:
+        for name, tensor in tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                flush()
+                size = 0
+            current[name] = tensor.detach().contiguous().cpu()
+            size += nbytes
+            total += nbytes
+        flush()
+        if len(shards) == 1:
+            names = [SINGLE_FILE]
+        else:
+            n = len(shards)
+            names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        for (tmp, _), name in zip(shards, names):
+            with atomic_path(out_dir / name) as dest:
+                tmp.replace(dest)
+    finally:
+        for tmp, _ in shards:
+            tmp.unlink(missing_ok=True)
     if len(shards) > 1:
         weight_map = {key: name for (_, keys), name in zip(shards, names) for key in keys}
         write_json_atomic(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
