@@ -229,7 +229,8 @@ def base_config_from_hf(hf: Mapping[str, Any], defaults: Mapping[str, Any]) -> d
         "rope_theta": theta,
         "rope_scaling": scaling,
         "tie_embeddings": bool(get("tie_word_embeddings") or False),
-        "sliding_window": hf.get("sliding_window"),
+        # Present-but-null means "no window"; absent means the family's default.
+        "sliding_window": hf["sliding_window"] if "sliding_window" in hf else defaults.get("sliding_window"),
     }
 
 
