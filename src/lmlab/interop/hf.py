@@ -93,8 +93,13 @@ def _supported() -> str:
 def family_for_hf_config(hf: Mapping[str, Any], where: str = "config.json") -> Family:
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
-    for fam in families().values():
-        if model_type in fam.model_types or any(a in fam.architectures for a in archs):
+    fams = families().values()
+    # model_type names the layout; architectures only decide when it is missing or unknown.
+    for fam in fams:
+        if model_type in fam.model_types:
+            return fam
+    for fam in fams:
+        if any(a in fam.architectures for a in archs):
             return fam
     raise LmlabError(
         f"{where}: unsupported architecture (model_type={model_type!r}, architectures={archs}); "
