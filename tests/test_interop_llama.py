@@ -263,3 +263,16 @@ def test_preset_configs_export_and_read_back(preset):
     assert hf_config_to_model_config(hf).replace(name=cfg.name, reference=cfg.reference) == cfg
     built = LlamaConfig(**{k: v for k, v in hf.items() if k != "model_type"})  # transformers accepts it
     assert built.rope_parameters["rope_theta"] == cfg.rope_theta
+
+
+def test_left_padded_batch_matches_transformers(hf_dir):
+    path, hf = hf_dir
+    ours = load_hf_model(path)
+    x = ids(t=12)
+    valid = torch.ones_like(x, dtype=torch.bool)
+    valid[1, :4] = False  # row 1 is left-padded by 4
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = hf(input_ids=x, attention_mask=valid.long(), position_ids=positions, use_cache=False).logits
+        got = ours(x, positions=positions, attn_mask=valid)
+    assert max_diff(got[valid], want[valid]) <= TOL
