@@ -102,9 +102,15 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
         import yaml
 
         write_text_atomic(ctx.run_dir / "recipe.yaml", yaml.safe_dump(dict(raw), sort_keys=False))
+    import time
+
+    start = time.perf_counter()
     for name in names:
         echo(f"== {name}")
+        t = time.perf_counter()
         STAGES[name](ctx)
+        echo(f"   ({name}: {time.perf_counter() - t:.1f} s)")
+    echo(f"done in {time.perf_counter() - start:.1f} s -> {ctx.run_dir}")
     return ctx
 
 
