@@ -90,3 +90,13 @@ def test_pretrain_stage_writes_a_loadable_model_metrics_and_plot(tmp_path):
     assert any("val_loss" in l for l in lines)
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "checkpoints/step-3/tokenizer.json").is_file()
+
+
+def test_rerun_without_resume_is_refused_before_any_stage(tmp_path):
+    (tmp_path / "checkpoints/step-1").mkdir(parents=True)
+    (tmp_path / "checkpoints/step-1/trainer.json").write_text("{}")
+    (tmp_path / "checkpoints/step-1/config.json").write_text("{}")
+    recipe, _ = load_recipe(None)
+    with pytest.raises(LmlabError, match="--resume"):
+        run_pipeline(recipe, tmp_path, echo=lambda s: None)
+    assert not (tmp_path / "tokenizer.json").exists()

@@ -97,6 +97,12 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
     if unknown:
         raise LmlabError(f"unknown pipeline stage(s) {unknown}; known: {', '.join(STAGES)}")
     ctx = Context(Path(run_dir), recipe, resume, echo=echo)
+    from lmlab.train.state import latest_checkpoint
+
+    if not resume and "pretrain" in names and latest_checkpoint(ctx.run_dir) is not None:
+        # Checked before any stage runs, so a mistaken rerun overwrites nothing.
+        raise LmlabError(f"{ctx.run_dir} already holds a trained run: pass --resume to continue it, "
+                         "or choose another --run-dir")
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     if raw is not None:
         import yaml
