@@ -197,3 +197,9 @@ def test_compiled_training_matches_eager(tmp_path):
     a = train(fresh(), LanguageModeling(), data, quiet(steps=2, batch_size=4), tmp_path / "a")
     b = train(fresh(), LanguageModeling(), data, quiet(steps=2, batch_size=4, compile=True), tmp_path / "b")
     assert b.losses == pytest.approx(a.losses, rel=1e-4)
+
+
+def test_token_budget_sets_the_step_count():
+    assert TrainConfig(tokens=1000, batch_size=2).total_steps(100) == 5
+    assert TrainConfig(tokens=1001, batch_size=2).total_steps(100) == 6
+    assert TrainConfig(steps=7).total_steps(100) == 7
