@@ -75,9 +75,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
     tok = Tokenizer.load(args.tokenizer or args.model)
     prompts = [tok.encode(p, add_bos=tok.bos_id is not None) for p in args.prompt]
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                   repetition_penalty=args.repetition_penalty, eos_id=tok.eos_id, stop=args.stop or None,
-                   decode=tok.decode, seed=args.seed)
-    if len(prompts) == 1:  # stream the text as it is generated
+                   eos_id=tok.eos_id, seed=args.seed)
+    if args.draft:
+        from lmlab.decode.speculative import speculative_generate
+
+        for text, ids in zip(args.prompt, prompts):
+            out = speculative_generate(model, load_model(args.draft).eval(), ids, args.max_new_tokens,
+                                       k=args.speculate_k, **options)
+            body = out.tokens[:-1] if out.finish_reason == "eos" else out.tokens
+            print(f"{text}{tok.decode(body)}\n[{out.finish_reason}; {out.accepted}/{out.proposed} draft tokens "
+                  f"accepted ({out.acceptance_rate:.0%}), {out.target_forwards} target forwards]")
+        return
+    options.update(repetition_penalty=args.repetition_penalty, stop=args.stop or None, decode=tok.decode)
+    if args.proxy_expert or args.proxy_anti:
+        from lmlab.decode.proxy import proxy_generate
+
+        if not (args.proxy_expert and args.proxy_anti):
+            raise LmlabError("proxy-tuning needs both --proxy-expert and --proxy-anti (the expert's untuned base)")
+        expert, anti = load_model(args.proxy_expert).eval(), load_model(args.proxy_anti).eval()
+        outs = proxy_generate(model, expert, anti, prompts, args.max_new_tokens, alpha=args.alpha,
+                              truncate_vocab=args.truncate_vocab, **options)
+    elif len(prompts) == 1:  # stream the text as it is generated
         results, shown = [], ""
         print(args.prompt[0], end="", flush=True)
         for _ in stream(model, prompts, args.max_new_tokens, results=results, **options):
@@ -86,7 +104,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             shown = text
         print()
         return
-    for prompt, g in zip(args.prompt, generate(model, prompts, args.max_new_tokens, **options)):
+    else:
+        outs = generate(model, prompts, args.max_new_tokens, **options)
+    for prompt, g in zip(args.prompt, outs):
         print(f"{prompt}{g.text}\n[{g.finish_reason}, {len(g.tokens)} tokens]")
 
 
@@ -127,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--proxy-expert", help="proxy-tuning: a small tuned model (MODEL is the base)")
+    p.add_argument("--proxy-anti", help="proxy-tuning: the expert's untuned counterpart")
+    p.add_argument("--alpha", type=float, default=1.0, help="proxy-tuning strength")
+    p.add_argument("--truncate-vocab", action="store_true",
+                   help="proxy-tuning: cut members to the smallest vocabulary (only if larger ones append tokens)")
+    p.add_argument("--draft", help="speculative decoding: a small draft model with the same tokenizer")
+    p.add_argument("--speculate-k", type=int, default=4, help="draft tokens proposed per target forward")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and lmlab formats")
