@@ -71,9 +71,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from lmlab.decode.generate import generate, stream
     from lmlab.tokenizer import Tokenizer
 
-    model = load_model(args.model).eval()
+    is_url = lambda spec: spec.startswith(("http://", "https://"))  # noqa: E731
+    if is_url(args.model) and not args.tokenizer:
+        raise LmlabError("a remote base model needs --tokenizer (the vocabulary all members share)")
     tok = Tokenizer.load(args.tokenizer or args.model)
     prompts = [tok.encode(p, add_bos=tok.bos_id is not None) for p in args.prompt]
+
+    def member(spec: str):
+        """A local model directory, or a black-box OpenAI-compatible endpoint (URL)."""
+        if is_url(spec):
+            from lmlab.decode.remote import RemoteMember
+
+            return RemoteMember(spec, args.remote_model, tok, prompts, top_k=args.remote_top_k)
+        return load_model(spec).eval()
+
+    model = member(args.model)
+    if is_url(args.model) and not (args.proxy_expert or args.proxy_anti):
+        raise LmlabError("a URL model works only as a proxy-tuning member; plain and speculative decoding need weights")
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    eos_id=tok.eos_id, seed=args.seed)
     if args.draft:
@@ -92,7 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         if not (args.proxy_expert and args.proxy_anti):
             raise LmlabError("proxy-tuning needs both --proxy-expert and --proxy-anti (the expert's untuned base)")
-        expert, anti = load_model(args.proxy_expert).eval(), load_model(args.proxy_anti).eval()
+        expert, anti = member(args.proxy_expert), member(args.proxy_anti)
         outs = proxy_generate(model, expert, anti, prompts, args.max_new_tokens, alpha=args.alpha,
                               truncate_vocab=args.truncate_vocab, **options)
     elif len(prompts) == 1:  # stream the text as it is generated
@@ -136,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shards)
 
     p = sub.add_parser("generate", help="sample text from a model directory (KV-cached, batched)")
-    p.add_argument("model", help="an lmlab or Hugging Face model directory")
+    p.add_argument("model", help="an lmlab or Hugging Face model directory (a URL for a remote proxy base)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
     p.add_argument("--tokenizer", help="default: the tokenizer in the model directory")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -147,11 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--proxy-expert", help="proxy-tuning: a small tuned model (MODEL is the base)")
-    p.add_argument("--proxy-anti", help="proxy-tuning: the expert's untuned counterpart")
+    p.add_argument("--proxy-expert", help="proxy-tuning: a small tuned model (MODEL is the base); dir or URL")
+    p.add_argument("--proxy-anti", help="proxy-tuning: the expert's untuned counterpart; dir or URL")
     p.add_argument("--alpha", type=float, default=1.0, help="proxy-tuning strength")
     p.add_argument("--truncate-vocab", action="store_true",
                    help="proxy-tuning: cut members to the smallest vocabulary (only if larger ones append tokens)")
+    p.add_argument("--remote-model", default="default", help="model name sent to remote (URL) members")
+    p.add_argument("--remote-top-k", type=int, default=20, help="log-probs asked of remote members")
     p.add_argument("--draft", help="speculative decoding: a small draft model with the same tokenizer")
     p.add_argument("--speculate-k", type=int, default=4, help="draft tokens proposed per target forward")
     p.set_defaults(func=cmd_generate)
