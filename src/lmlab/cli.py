@@ -24,6 +24,31 @@ def cmd_inspect(args: argparse.Namespace) -> None:
               f"  [{info['reference']}]")
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from lmlab.pipeline import load_recipe, run_pipeline
+
+    recipe, raw = load_recipe(args.config, args.set)
+    run_dir = args.run_dir or f"runs/{recipe.name}"
+    run_pipeline(recipe, run_dir, resume=args.resume, raw=raw,
+                 stages=("tokenizer", "shards", "pretrain"))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from lmlab.pipeline import load_recipe, run_pipeline, unique_run_dir
+
+    recipe, raw = load_recipe(args.config, args.set)
+    run_dir = args.run_dir or (f"runs/{recipe.name}" if args.resume else unique_run_dir("runs", recipe.name))
+    print(f"run directory: {run_dir}")
+    run_pipeline(recipe, run_dir, resume=args.resume, raw=raw)
+
+
+def _recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--config", required=required, help="recipe YAML (model:, data:, train: sections)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--run-dir", help="where metrics, checkpoints and the model go (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from lmlab.interop import hf
 
@@ -132,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset")
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("pretrain", help="train a tokenizer, shard the data and pretrain a model from a recipe")
+    _recipe_args(p, required=True)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("run", help="the whole default pipeline on the embedded corpus (a few minutes on CPU)")
+    _recipe_args(p, required=False)
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("tokenize", help="train a byte-level BPE tokenizer (default: on the embedded corpus)")
     p.add_argument("inputs", nargs="*", help="text/JSONL/Parquet files or directories")
