@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
 from lmlab.data.chat import (
-    IGNORE, Conversation, JinjaTemplate, RoleTokenTemplate, encode_conversations, one_per_row,
+    IGNORE, PAD_DOC, Conversation, JinjaTemplate, RoleTokenTemplate, encode_conversations, one_per_row,
     pack_examples, read_chat_jsonl,
 )
 from lmlab.errors import LmlabError
@@ -151,7 +151,7 @@ def test_packing_isolates_conversations():
     assert (leaky - by_itself).abs().max() > 1e-3
     # A full row starts a new one.
     rows = pack_examples([first, second, first], seq_len=n1 + n2, pad_id=TOK.pad_id)
-    assert rows["input_ids"].shape[0] == 2 and rows["doc_ids"][1, n1:].eq(1).all()
+    assert rows["input_ids"].shape[0] == 2 and rows["doc_ids"][1, n1:].eq(PAD_DOC).all()
 
 
 def test_sft_loss_is_cross_entropy_on_answer_tokens_only():
@@ -172,4 +172,7 @@ def test_sft_loss_is_cross_entropy_on_answer_tokens_only():
                 total += F.cross_entropy(logits[pos], torch.tensor(label)).item()
                 count += 1
     assert metrics["answer_tokens"] == count == len("world") + 1 + len("bc") + 1
+    objective = SFTObjective()
+    assert objective.weight(batch) == count
+    assert objective.tokens(batch) == sum(len(ex.ids) - 1 for ex in examples)
     assert loss.item() == pytest.approx(total / count, rel=1e-5)

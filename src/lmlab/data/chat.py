@@ -24,6 +24,7 @@ from lmlab.errors import LmlabError
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # target value cross_entropy skips
+PAD_DOC = -1  # document id of padding positions in a packed row
 
 
 class TokenizerLike(Protocol):
@@ -277,8 +278,8 @@ def encode_conversations(conversations: Iterable[Conversation], template, max_le
 def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Greedily fill rows of `seq_len` positions with (input, target) pairs of whole
     conversations, in order. Returns LongTensors (N, seq_len): `input_ids`, `targets`
-    (IGNORE where no loss), `doc_ids` (one id per conversation in a row; padding gets its
-    own id so it attends only to itself)."""
+    (IGNORE where no loss), `doc_ids` (0, 1, ... per conversation in a row; padding is
+    PAD_DOC, a document of its own, so it attends only to padding)."""
     rows: list[tuple[list[int], list[int], list[int]]] = []
     current: tuple[list[int], list[int], list[int]] = ([], [], [])
     for ex in examples:
@@ -303,7 +304,7 @@ def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int = 0) ->
         input_ids[i, :k] = torch.tensor(inp)
         targets[i, :k] = torch.tensor(tgt)
         doc_ids[i, :k] = torch.tensor(doc)
-        doc_ids[i, k:] = doc[-1] + 1
+        doc_ids[i, k:] = PAD_DOC
     return {"input_ids": input_ids, "targets": targets, "doc_ids": doc_ids}
 
 
@@ -311,6 +312,11 @@ def one_per_row(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> d
     """No packing: each conversation in its own right-padded row."""
     rows = [pack_examples([ex], seq_len, pad_id) for ex in examples]
     return {k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "targets", "doc_ids")}
+
+
+def collate_rows(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack dataset rows into a batch (for batch sources that take a collate function)."""
+    return {k: torch.stack([item[k] for item in items]) for k in items[0]}
 
 
 class ChatDataset(torch.utils.data.Dataset):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.chat import IGNORE
+from lmlab.data.chat import IGNORE, PAD_DOC
 from lmlab.errors import LmlabError
 from lmlab.model.masks import document_causal_mask, document_positions
 
@@ -30,6 +30,14 @@ class SFTObjective:
     (`input_ids`, `targets`, `doc_ids`)."""
 
     name = "sft"
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """Loss units: answer tokens, so accumulated micro-batches average like one batch."""
+        return int((batch["targets"] != IGNORE).sum())
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens processed, padding excluded."""
+        return int((batch["doc_ids"] != PAD_DOC).sum())
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(model.parameters()).device
