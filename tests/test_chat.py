@@ -17,34 +17,7 @@ from lmlab.errors import LmlabError
 from lmlab.model.transformer import build_model
 from lmlab.train.objectives.sft import SFTObjective, packed_logits
 
-SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "</s>"]
-
-
-class CharTokenizer:
-    """One id per character, special tokens recognised in text: enough of the Tokenizer
-    interface for chat encoding, and transparent enough to check by eye."""
-
-    def __init__(self) -> None:
-        chars = [chr(c) for c in range(32, 127)] + ["\n"]
-        self.vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
-        self.inv = {i: t for t, i in self.vocab.items()}
-        self.bos_id, self.eos_id, self.pad_id = 0, 1, 2
-        self.vocab_size = len(self.vocab)
-
-    def token_to_id(self, token):
-        return self.vocab.get(token)
-
-    def encode(self, text, add_bos=False, add_eos=False):
-        ids, i = [], 0
-        while i < len(text):
-            special = next((s for s in SPECIALS if text.startswith(s, i)), None)
-            ids.append(self.vocab[special or text[i]])
-            i += len(special) if special else 1
-        return ids
-
-    def decode(self, ids):
-        return "".join(self.inv[i] for i in ids)
-
+from chartok import CharTokenizer
 
 TOK = CharTokenizer()
 
@@ -176,3 +149,14 @@ def test_sft_loss_is_cross_entropy_on_answer_tokens_only():
     assert objective.weight(batch) == count
     assert objective.tokens(batch) == sum(len(ex.ids) - 1 for ex in examples)
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_answer_exact_match_by_hand():
+    from lmlab.train.objectives.sft import answer_exact_match
+
+    # One row, two conversations (doc 0: answer at positions 1-2, doc 1: answer at 4), padding.
+    targets = torch.tensor([[IGNORE, 3, 4, IGNORE, 5, IGNORE]])
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, PAD_DOC]])
+    predicted = torch.tensor([[9, 3, 4, 9, 6, 9]])  # doc 0 right (prompt positions ignored), doc 1 wrong
+    logits = F.one_hot(predicted, 10).float()
+    assert answer_exact_match(logits, targets, doc_ids).tolist() == [1.0, 0.0]

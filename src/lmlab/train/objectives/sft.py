@@ -47,5 +47,21 @@ class SFTObjective:
         loss, n = masked_token_loss(logits, targets)
         with torch.no_grad():
             trained = targets != IGNORE
-            accuracy = (logits.argmax(-1)[trained] == targets[trained]).float().mean().item()
-        return loss, {"loss": loss.item(), "answer_tokens": float(n), "token_accuracy": accuracy}
+            accuracy = (logits.argmax(-1)[trained] == targets[trained]).float().mean()
+        # Tensors, not floats: the loop converts once per step (no extra host syncs here).
+        return loss, {"loss": loss.detach(), "answer_tokens": float(n), "token_accuracy": accuracy}
+
+
+def answer_exact_match(logits: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """Per conversation (row, document) with answers: 1.0 if every answer token is the
+    argmax under teacher forcing, else 0.0. Along the gold prefix, greedy decoding picks
+    exactly those argmaxes, so this equals greedy-generation exact match (end token
+    included) without running generation."""
+    trained = targets != IGNORE
+    wrong = trained & (logits.argmax(-1) != targets)
+    scores = []
+    for row in range(targets.shape[0]):
+        for doc in doc_ids[row][trained[row]].unique():
+            in_doc = doc_ids[row] == doc
+            scores.append(0.0 if wrong[row][in_doc].any() else 1.0)
+    return torch.tensor(scores)

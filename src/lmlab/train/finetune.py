@@ -1,0 +1,154 @@
+"""Supervised fine-tuning of a model on chat data: full, LoRA or DoRA, through the one loop.
+
+    result = finetune(model, tokenizer, FinetuneConfig.from_dict(recipe), "runs/sft")
+
+Writes into the run directory what `train` writes (metrics, checkpoints), plus
+`finetune_report.json` (trainable parameters, memory estimate, answer exact match),
+`adapter/` (the adapter alone, for LoRA/DoRA) and `model/` (a plain, merged model that
+`lmlab.checkpoint.load_model` reads like any other).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from lmlab.adapters import AdapterConfig, apply_adapters, parameter_report, save_adapter, strip_adapters
+from lmlab.adapters.report import ParameterReport
+from lmlab.checkpoint import save_model
+from lmlab.config import from_mapping
+from lmlab.data.chat import (
+    ChatDataset, JinjaTemplate, RoleTokenTemplate, collate_rows, encode_conversations,
+    one_per_row, pack_examples, read_chat_jsonl,
+)
+from lmlab.errors import LmlabError
+from lmlab.io import write_json_atomic
+from lmlab.train.config import TrainConfig
+from lmlab.train.data import ShuffledBatches
+from lmlab.train.loop import TrainResult, evaluate, train
+from lmlab.train.objectives.sft import SFTObjective, answer_exact_match, packed_logits
+
+METHODS = ("full", "lora", "dora")
+
+
+@dataclass(frozen=True)
+class ChatDataConfig:
+    train: str = ""  # JSONL of conversations or prompt/response pairs
+    val: str | None = None  # held-out JSONL: validation loss and answer exact match
+    # "lmlab": <|role|> ... <|end|> with the tokenizer's role tokens; or a path to a
+    # directory/tokenizer_config.json whose stored `chat_template` is used.
+    template: str = "lmlab"
+    pack: bool = True  # several conversations per row, isolated by document masks
+    seq_len: int | None = None  # default: the model's max_seq_len
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise LmlabError("data.train is required: the path of a chat JSONL file")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    method: str = "lora"
+    data: ChatDataConfig = field(default_factory=ChatDataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LmlabError(f"finetune method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FinetuneConfig":
+        return from_mapping(cls, data, where="finetune")
+
+
+@dataclass
+class FinetuneResult:
+    train: TrainResult
+    report: ParameterReport
+    val_loss: float | None
+    exact_match: float | None
+
+
+def make_template(spec: str, tokenizer):
+    if spec == "lmlab":
+        return RoleTokenTemplate(tokenizer)
+    return JinjaTemplate.from_tokenizer_config(spec, tokenizer)
+
+
+def chat_rows(path: str, template, seq_len: int, pack: bool, pad_id: int) -> dict[str, torch.Tensor]:
+    examples = encode_conversations(read_chat_jsonl(path), template, seq_len)
+    return (pack_examples if pack else one_per_row)(examples, seq_len, pad_id)
+
+
+def batches(rows: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    n = rows["input_ids"].shape[0]
+    return [{k: v[i:i + size] for k, v in rows.items()} for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def exact_match(model: nn.Module, rows: dict[str, torch.Tensor], batch_size: int = 8) -> float:
+    """Share of conversations whose every answer greedy decoding reproduces exactly."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    for b in batches(rows, batch_size):
+        b = {k: v.to(device) for k, v in b.items()}
+        logits = packed_logits(model, b["input_ids"], b["doc_ids"])
+        scores.append(answer_exact_match(logits, b["targets"], b["doc_ids"]))
+    model.train(was_training)
+    return float(torch.cat(scores).mean())
+
+
+def prepare_model(model: nn.Module, method: str, adapter: AdapterConfig, optimizer: str = "adamw") -> ParameterReport:
+    """Freeze and adapt (LoRA/DoRA), or unfreeze everything (full); return the report."""
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return parameter_report(model, optimizer)
+    return apply_adapters(model, AdapterConfig(**{**asdict(adapter), "method": method}))
+
+
+def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, run_dir: str | Path, *,
+             resume: bool = False, log: Callable[[str], None] = print) -> FinetuneResult:
+    run_dir = Path(run_dir)
+    seq_len = cfg.data.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise LmlabError(f"data.seq_len={seq_len} exceeds the model's context {model.config.max_seq_len}")
+    template = make_template(cfg.data.template, tokenizer)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    train_rows = chat_rows(cfg.data.train, template, seq_len, cfg.data.pack, pad_id)
+    # Validation keeps one conversation per row: its metrics then do not depend on packing.
+    val_rows = chat_rows(cfg.data.val, template, seq_len, False, pad_id) if cfg.data.val else None
+
+    report = prepare_model(model, cfg.method, cfg.adapter)
+    log(f"fine-tuning ({cfg.method}) on {train_rows['input_ids'].shape[0]} rows of {seq_len} tokens")
+    log(report.format())
+    objective = SFTObjective()
+    source = ShuffledBatches(ChatDataset(train_rows), seed=cfg.train.seed, collate=collate_rows)
+    result = train(model, objective, source, cfg.train, run_dir, tokenizer=tokenizer, resume=resume,
+                   extra={"finetune": {"method": cfg.method, "adapter": asdict(cfg.adapter)}})
+
+    val_loss = em = None
+    if val_rows is not None:
+        device = torch.device(cfg.train.device)
+        val_loss = evaluate(model, objective, batches(val_rows, cfg.train.micro), cfg.train, device)
+        em = exact_match(model, val_rows, cfg.train.micro)
+        log(f"validation: loss {val_loss:.4f}, answer exact match {em:.3f}")
+    if cfg.method != "full":
+        save_adapter(model, run_dir / "adapter")
+        # The loop saved the adapted model; replace it by the merged plain model so
+        # `run_dir/model` loads anywhere a model does.
+        strip_adapters(model)
+        save_model(model, run_dir / "model", tokenizer=tokenizer,
+                   extra={"train": {"step": result.step, "val_loss": val_loss}})
+    write_json_atomic(run_dir / "finetune_report.json", {
+        "method": cfg.method, **report.to_dict(), "steps": result.step,
+        "final_train_loss": result.losses[-1] if result.losses else None,
+        "val_loss": val_loss, "answer_exact_match": em,
+    })
+    return FinetuneResult(result, report, val_loss, em)
