@@ -82,3 +82,24 @@ def test_recipe_errors():
         FinetuneConfig.from_dict({"method": "lora"})
     with pytest.raises(LmlabError, match="did you mean 'adapter'"):
         FinetuneConfig.from_dict({"adaptor": {}, "data": {"train": "x"}})
+
+
+def test_cli_finetune_from_recipe(tmp_path):
+    tokenizer_mod = pytest.importorskip("lmlab.tokenizer")  # the data helper's tokenizer
+    from lmlab.checkpoint import save_model
+    from lmlab.cli import main
+
+    write_task(tmp_path / "train.jsonl", 32, 0)
+    texts = [json.loads(line)["prompt"] for line in open(tmp_path / "train.jsonl")] * 4
+    tok = tokenizer_mod.train_tokenizer(texts, vocab_size=64)
+    cfg = CFG.replace(vocab_size=tok.vocab_size)
+    save_model(build_model(cfg), tmp_path / "base", tokenizer=tok)
+    (tmp_path / "recipe.yaml").write_text(
+        f"base: {tmp_path / 'base'}\nout: {tmp_path / 'run'}\nmethod: lora\n"
+        f"data: {{train: {tmp_path / 'train.jsonl'}, seq_len: 32}}\n"
+        "train: {steps: 3, batch_size: 2, progress: false}\n")
+    assert main(["finetune", "--config", str(tmp_path / "recipe.yaml"), "--method", "dora",
+                 "--set", "adapter.r=2"]) == 0
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["method"] == "dora" and saved["r"] == 2
+    assert main(["finetune", "--config", str(tmp_path / "recipe.yaml"), "--set", "adapter.rank=2"]) == 2

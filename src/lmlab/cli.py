@@ -24,6 +24,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
               f"  [{info['reference']}]")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lmlab.train.finetune import finetune_recipe
+
+    result = finetune_recipe(args.config, args.method, args.set, args.resume)
+    print(f"done: {result.train.run_dir} (model/, adapter/ for LoRA/DoRA, finetune_report.json)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="A from-scratch lab for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset")
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("finetune", help="supervised fine-tuning on chat JSONL: full, LoRA or DoRA")
+    p.add_argument("--config", required=True, help="recipe YAML (base, out, method, data, adapter, train)")
+    p.add_argument("--method", choices=("full", "lora", "dora"), help="overrides the recipe's method")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set adapter.r=16 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in `out` from its last checkpoint")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 

@@ -51,7 +51,9 @@ class ChatDataConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    method: str = "lora"
+    base: str = ""  # the model to fine-tune: an lmlab or Hugging Face model directory
+    out: str = "runs/finetune"  # run directory
+    method: str = "lora"  # full | lora | dora (overrides adapter.method)
     data: ChatDataConfig = field(default_factory=ChatDataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -152,3 +154,29 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, run_dir: str | Pa
         "val_loss": val_loss, "answer_exact_match": em,
     })
     return FinetuneResult(result, report, val_loss, em)
+
+
+def load_tokenizer(model_dir: str | Path):
+    from lmlab.tokenizer import Tokenizer
+
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (Path(model_dir) / name).is_file():
+            return Tokenizer.load(Path(model_dir) / name)
+    raise LmlabError(f"no tokenizer.json or tokenizer.model in {model_dir}: save the model with its tokenizer")
+
+
+def finetune_recipe(path: str | Path, method: str | None = None, overrides: list[str] = (),
+                    resume: bool = False) -> FinetuneResult:
+    """`lmlab finetune`: read a recipe YAML, load `base` and its tokenizer, fine-tune."""
+    from lmlab.checkpoint import load_model
+    from lmlab.config import load_yaml
+    from lmlab.train.config import apply_overrides
+
+    data = apply_overrides(load_yaml(path), list(overrides))
+    if method is not None:
+        data["method"] = method
+    cfg = FinetuneConfig.from_dict(data)
+    if not cfg.base:
+        raise LmlabError(f"{path}: set `base:` to the directory of the model to fine-tune")
+    model = load_model(cfg.base, device=cfg.train.device)
+    return finetune(model, load_tokenizer(cfg.base), cfg, cfg.out, resume=resume)
