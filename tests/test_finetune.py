@@ -103,3 +103,22 @@ def test_cli_finetune_from_recipe(tmp_path):
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["method"] == "dora" and saved["r"] == 2
     assert main(["finetune", "--config", str(tmp_path / "recipe.yaml"), "--set", "adapter.rank=2"]) == 2
+
+
+def test_compare_methods_tabulates_each_method(tmp_path):
+    from lmlab.train.finetune import compare_methods
+    from dataclasses import replace
+
+    base = build_model(CFG)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    cfg = replace(recipe(tmp_path, "lora", steps=3), full_lr=1e-3)
+    rows = compare_methods(base, TOK, cfg, tmp_path / "cmp", log=lambda s: None)
+    assert [r["method"] for r in rows] == ["full", "lora", "dora"]
+    assert rows[0]["lr"] == 1e-3 and rows[1]["lr"] == 1e-2
+    total = sum(p.numel() for p in base.parameters())
+    assert rows[0]["trainable"] == total
+    # DoRA = LoRA + one magnitude per output row of each adapted module.
+    mag = 2 * (CFG.d_model + CFG.n_kv_heads * CFG.dim_per_head + CFG.ffn_hidden + CFG.d_model)
+    assert rows[2]["trainable"] == rows[1]["trainable"] + mag
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # base untouched
+    assert "| dora |" in (tmp_path / "cmp" / "comparison.md").read_text()

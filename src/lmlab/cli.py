@@ -27,8 +27,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from lmlab.train.finetune import finetune_recipe
 
-    result = finetune_recipe(args.config, args.method, args.set, args.resume)
-    print(f"done: {result.train.run_dir} (model/, adapter/ for LoRA/DoRA, finetune_report.json)")
+    compare = tuple(m.strip() for m in args.compare.split(",")) if args.compare else ()
+    result = finetune_recipe(args.config, args.method, args.set, args.resume, compare)
+    if not compare:
+        print(f"done: {result.train.run_dir} (model/, adapter/ for LoRA/DoRA, finetune_report.json)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe value, e.g. --set adapter.r=16 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in `out` from its last checkpoint")
+    p.add_argument("--compare", metavar="METHODS", help="e.g. full,lora,dora: one run per method into "
+                   "out/<method>, then a table in out/comparison.md")
     p.set_defaults(func=cmd_finetune)
     return parser
 

@@ -9,7 +9,9 @@ Writes into the run directory what `train` writes (metrics, checkpoints), plus
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -54,6 +56,9 @@ class FinetuneConfig:
     base: str = ""  # the model to fine-tune: an lmlab or Hugging Face model directory
     out: str = "runs/finetune"  # run directory
     method: str = "lora"  # full | lora | dora (overrides adapter.method)
+    # Learning rate of method "full" (default: train.lr). Full fine-tuning usually wants
+    # a rate several times lower than adapters do; comparisons should tune both.
+    full_lr: float | None = None
     data: ChatDataConfig = field(default_factory=ChatDataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -131,8 +136,11 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, run_dir: str | Pa
     log(f"fine-tuning ({cfg.method}) on {train_rows['input_ids'].shape[0]} rows of {seq_len} tokens")
     log(report.format())
     objective = SFTObjective()
+    train_cfg = cfg.train
+    if cfg.method == "full" and cfg.full_lr is not None:
+        train_cfg = replace(train_cfg, lr=cfg.full_lr)
     source = ShuffledBatches(ChatDataset(train_rows), seed=cfg.train.seed, collate=collate_rows)
-    result = train(model, objective, source, cfg.train, run_dir, tokenizer=tokenizer, resume=resume,
+    result = train(model, objective, source, train_cfg, run_dir, tokenizer=tokenizer, resume=resume,
                    extra={"finetune": {"method": cfg.method, "adapter": asdict(cfg.adapter)}})
 
     val_loss = em = None
@@ -151,9 +159,46 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, run_dir: str | Pa
     write_json_atomic(run_dir / "finetune_report.json", {
         "method": cfg.method, **report.to_dict(), "steps": result.step,
         "final_train_loss": result.losses[-1] if result.losses else None,
-        "val_loss": val_loss, "answer_exact_match": em,
+        "val_loss": val_loss, "answer_exact_match": em, "lr": train_cfg.lr,
+        "seconds": result.seconds,
     })
     return FinetuneResult(result, report, val_loss, em)
+
+
+def compare_methods(base: nn.Module, tokenizer, cfg: FinetuneConfig, out_dir: str | Path,
+                    methods: tuple[str, ...] = METHODS,
+                    log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Fine-tune a copy of `base` with each method (same data, rank and steps) into
+    `out_dir/<method>`; write `comparison.json` and `comparison.md`; return the rows."""
+    out_dir = Path(out_dir)
+    rows = []
+    for method in methods:
+        t0 = time.perf_counter()
+        res = finetune(copy.deepcopy(base), tokenizer, replace(cfg, method=method), out_dir / method, log=log)
+        rows.append({
+            "method": method, "trainable": res.report.trainable,
+            "trainable_percent": res.report.trainable_percent,
+            "lr": cfg.full_lr if method == "full" and cfg.full_lr is not None else cfg.train.lr,
+            "final_train_loss": res.train.losses[-1] if res.train.losses else None,
+            "val_loss": res.val_loss, "exact_match": res.exact_match,
+            "seconds": time.perf_counter() - t0,
+        })
+    write_json_atomic(out_dir / "comparison.json", rows)
+    table = ["| method | trainable | trainable % | lr | train loss | val loss | exact match | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['method']} | {r['trainable']:,} | {r['trainable_percent']:.2f} | {r['lr']:g} | "
+                     f"{_num(r['final_train_loss'])} | {_num(r['val_loss'])} | {_num(r['exact_match'])} | "
+                     f"{r['seconds']:.0f} |")
+    from lmlab.io import write_text_atomic
+
+    write_text_atomic(out_dir / "comparison.md", "\n".join(table) + "\n")
+    log("\n".join(table))
+    return rows
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -166,8 +211,9 @@ def load_tokenizer(model_dir: str | Path):
 
 
 def finetune_recipe(path: str | Path, method: str | None = None, overrides: list[str] = (),
-                    resume: bool = False) -> FinetuneResult:
-    """`lmlab finetune`: read a recipe YAML, load `base` and its tokenizer, fine-tune."""
+                    resume: bool = False, compare: tuple[str, ...] = ()):
+    """`lmlab finetune`: read a recipe YAML, load `base` and its tokenizer, fine-tune
+    (or, with `compare`, fine-tune once per method and tabulate)."""
     from lmlab.checkpoint import load_model
     from lmlab.config import load_yaml
     from lmlab.train.config import apply_overrides
@@ -179,4 +225,9 @@ def finetune_recipe(path: str | Path, method: str | None = None, overrides: list
     if not cfg.base:
         raise LmlabError(f"{path}: set `base:` to the directory of the model to fine-tune")
     model = load_model(cfg.base, device=cfg.train.device)
+    if compare:
+        unknown = [m for m in compare if m not in METHODS]
+        if unknown:
+            raise LmlabError(f"--compare {','.join(compare)}: unknown method(s) {unknown}; use {','.join(METHODS)}")
+        return compare_methods(model, load_tokenizer(cfg.base), cfg, cfg.out, tuple(compare))
     return finetune(model, load_tokenizer(cfg.base), cfg, cfg.out, resume=resume)
