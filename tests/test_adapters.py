@@ -76,32 +76,35 @@ def copy_adapters(peft_model, ours) -> None:
     assert n == sum(1 for k in own if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "magnitude"))
 
 
-@pytest.mark.parametrize("method,rslora", [("lora", False), ("lora", True), ("dora", False), ("dora", True)])
-def test_outputs_and_gradients_match_peft(method, rslora):
+@pytest.mark.parametrize("method,rslora,dropout", [
+    ("lora", False, 0.0), ("lora", True, 0.0), ("dora", False, 0.0), ("dora", True, 0.0),
+    ("lora", False, 0.3), ("dora", False, 0.3),
+])
+def test_outputs_and_gradients_match_peft(method, rslora, dropout):
     hf = hf_llama()
     ours = ours_from_hf(hf)
     idx = torch.randint(0, CFG.vocab_size, (2, 9))
     torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)  # same base
 
-    pcfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
+    pcfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS,
                            use_rslora=rslora, use_dora=method == "dora")
     pm = peft.get_peft_model(hf, pcfg)
-    if method == "dora":  # magnitude at init is the per-output-row norm of W, as in peft
-        report = apply_adapters(ours, AdapterConfig(method=method, r=4, alpha=8, rslora=rslora,
-                                                    targets=tuple(TARGETS)))
-        for name, p in pm.named_parameters():
-            if "magnitude" in name:
-                torch.testing.assert_close(dict(ours.named_parameters())[ours_key(name)], p,
-                                           atol=0, rtol=0)
-    else:
-        report = apply_adapters(ours, AdapterConfig(method=method, r=4, alpha=8, rslora=rslora,
-                                                    targets=tuple(TARGETS)))
+    report = apply_adapters(ours, AdapterConfig(method=method, r=4, alpha=8, rslora=rslora,
+                                                dropout=dropout, targets=tuple(TARGETS)))
+    for name, p in pm.named_parameters():  # DoRA: magnitude starts at the row norm of W
+        if "magnitude" in name:
+            torch.testing.assert_close(dict(ours.named_parameters())[ours_key(name)], p, atol=0, rtol=0)
     assert report.trainable == sum(p.numel() for p in pm.parameters() if p.requires_grad)
     randomize_adapters(pm)
     copy_adapters(pm, ours)
 
     target = torch.randint(0, CFG.vocab_size, (2, 9))
+    # With dropout both draw their masks from the same seed in the same module order.
+    pm.train(dropout > 0)
+    ours.train(dropout > 0)
+    torch.manual_seed(1)
     ref_logits = pm(input_ids=idx).logits
+    torch.manual_seed(1)
     our_logits = ours(idx)
     torch.testing.assert_close(our_logits, ref_logits, atol=1e-5, rtol=1e-5)
     loss_fn = torch.nn.functional.cross_entropy
@@ -118,9 +121,12 @@ def test_outputs_and_gradients_match_peft(method, rslora):
     assert checked == sum(1 for p in ours.parameters() if p.requires_grad) > 0
     assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
 
-    # Merged model == adapted model; peft's merge agrees with ours.
+    # Merged model == adapted model (dropout off); peft's merge agrees with ours.
+    ours.eval()
+    with torch.no_grad():
+        adapted = ours(idx)
     merge_adapters(ours)
-    torch.testing.assert_close(ours(idx), our_logits.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours(idx), adapted, atol=1e-5, rtol=1e-5)
     merged_ref = pm.merge_and_unload()
     for name, w in merged_ref.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[ours_key(name)], w, atol=1e-6, rtol=1e-5)
