@@ -218,3 +218,24 @@ def test_parameter_report_by_hand():
     assert report.grad_bytes == 4 * report.trainable
     assert report.optimizer_bytes == 8 * report.trainable  # AdamW: two float32 moments
     assert "trainable" in report.format()
+
+
+def test_trainable_base_parameters_train_and_travel_with_the_adapter(tmp_path):
+    model = build_model(CFG)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = apply_adapters(model, AdapterConfig(r=2, targets=("q_proj",), trainable=("embed", "lm_head")))
+    lora = 2 * (2 * 32 + 32 * 2)
+    assert report.trainable == lora + 2 * CFG.vocab_size * CFG.d_model
+    assert model.embed.weight.requires_grad and not model.layers[0].attn.k_proj.weight.requires_grad
+    with torch.no_grad():
+        model.embed.weight.add_(0.5)
+        model.layers[0].attn.q_proj.lora_B.normal_()
+    idx = torch.randint(0, CFG.vocab_size, (1, 5))
+    expected = model(idx).detach()
+    save_adapter(model, tmp_path / "ad")
+    fresh = build_model(CFG)
+    fresh.load_state_dict(base_state)
+    load_adapter(fresh, tmp_path / "ad")
+    torch.testing.assert_close(fresh(idx), expected, atol=0, rtol=0)
+    with pytest.raises(LmlabError, match="match no parameter"):
+        apply_adapters(build_model(CFG), AdapterConfig(targets=("q_proj",), trainable=("embeddings",)))

@@ -38,6 +38,10 @@ class AdapterConfig:
     dropout: float = 0.0
     rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
     targets: tuple[str, ...] = ATTENTION + MLP
+    # Base parameters to train in full beside the adapters (peft's `modules_to_save`), by
+    # the same patterns over module or parameter names, e.g. ("embed", "lm_head") when the
+    # chat tokens' rows were never trained in pretraining. Saved with the adapter.
+    trainable: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "dora"):
@@ -48,7 +52,7 @@ class AdapterConfig:
             raise LmlabError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
             raise LmlabError("adapter.targets is empty: name at least one module pattern, e.g. q_proj")
-        for pattern in self.targets:
+        for pattern in self.targets + self.trainable:
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])
@@ -89,13 +93,32 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> ParameterReport:
             f"adapter.targets {list(cfg.targets)} match no nn.Linear module; "
             f"module names look like: {examples}"
         )
+    extra = trainable_base_parameters(model, cfg.trainable)
     for p in model.parameters():
         p.requires_grad_(False)
+    for p in extra.values():
+        p.requires_grad_(True)
     cls = DoRALinear if cfg.method == "dora" else LoRALinear
     for name in chosen:
         _set_submodule(model, name, cls(linears[name], cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
     model.adapter_config = cfg
     return parameter_report(model, adapted=chosen)
+
+
+def trainable_base_parameters(model: nn.Module, patterns: tuple[str, ...]) -> dict[str, nn.Parameter]:
+    """Base parameters named by `patterns` (a parameter matches through its own name or its
+    module's name)."""
+    chosen = {}
+    for name, param in model.named_parameters():
+        module_name = name.rpartition(".")[0]
+        if any(matches(name, p) or (module_name and matches(module_name, p)) for p in patterns):
+            chosen[name] = param
+    missing = [p for p in patterns if not any(
+        matches(n, p) or matches(n.rpartition(".")[0], p) for n in chosen)]
+    if missing:
+        raise LmlabError(f"adapter.trainable patterns {missing} match no parameter; "
+                         f"parameter names look like: {', '.join(list(dict(model.named_parameters()))[:4])}")
+    return chosen
 
 
 def merge_adapters(model: nn.Module) -> None:
@@ -121,7 +144,13 @@ def strip_adapters(model: nn.Module) -> nn.Module:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors keyed `<module>.lora_A|lora_B|magnitude`, plus the base parameters
+    that `adapter_config.trainable` names, under their own names."""
+    cfg = getattr(model, "adapter_config", None)
     state = {}
+    if cfg is not None and cfg.trainable:
+        for name, param in trainable_base_parameters(model, cfg.trainable).items():
+            state[name] = param.detach().contiguous().cpu()
     for name, module in adapter_modules(model).items():
         if module.merged:
             raise LmlabError(f"{name} is merged; unmerge_adapters(model) before saving the adapter alone")
@@ -167,6 +196,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> ParameterReport:
     report = apply_adapters(model, cfg)
     state = load_file(str(weights))
     own = {f"{n}.{k}": t for n, m in adapter_modules(model).items() for k, t in m.adapter_state().items()}
+    own.update(trainable_base_parameters(model, cfg.trainable))
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise LmlabError(
