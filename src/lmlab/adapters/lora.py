@@ -74,8 +74,8 @@ class LoRALinear(nn.Linear):
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding the merged weight (for export)."""
         self.merge()
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        # On meta: the new module only borrows this one's Parameters, nothing is allocated.
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         out.weight = self.weight
         out.bias = self.bias
         return out

@@ -197,7 +197,10 @@ class JinjaTemplate:
             path = path / "tokenizer_config.json"
         if not path.is_file():
             raise LmlabError(f"{path} not found: a stored chat template lives in tokenizer_config.json")
-        config = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise LmlabError(f"{path} is not valid JSON ({e})") from None
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
