@@ -122,3 +122,14 @@ def test_compare_methods_tabulates_each_method(tmp_path):
     assert rows[2]["trainable"] == rows[1]["trainable"] + mag
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # base untouched
     assert "| dora |" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_val_fraction_holds_out_the_last_records(tmp_path):
+    from lmlab.train.finetune import ChatDataConfig, split_conversations
+
+    write_task(tmp_path / "train.jsonl", 20, 0)
+    train_convs, val_convs = split_conversations(ChatDataConfig(train=str(tmp_path / "train.jsonl"), val_fraction=0.25))
+    assert len(train_convs) == 15 and len(val_convs) == 5
+    assert val_convs[0].source.endswith("train.jsonl:16")
+    with pytest.raises(LmlabError, match="val_fraction"):
+        split_conversations(ChatDataConfig(train=str(tmp_path / "train.jsonl"), val_fraction=0.01))

@@ -40,6 +40,7 @@ METHODS = ("full", "lora", "dora")
 class ChatDataConfig:
     train: str = ""  # JSONL of conversations or prompt/response pairs
     val: str | None = None  # held-out JSONL: validation loss and answer exact match
+    val_fraction: float = 0.0  # without `val`: hold out this share of `train` (its last records)
     # "lmlab": <|role|> ... <|end|> with the tokenizer's role tokens; or a path to a
     # directory/tokenizer_config.json whose stored `chat_template` is used.
     template: str = "lmlab"
@@ -49,6 +50,8 @@ class ChatDataConfig:
     def __post_init__(self) -> None:
         if not self.train:
             raise LmlabError("data.train is required: the path of a chat JSONL file")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise LmlabError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,21 @@ def make_template(spec: str, tokenizer):
     return JinjaTemplate.from_tokenizer_config(spec, tokenizer)
 
 
-def chat_rows(path: str, template, seq_len: int, pack: bool, pad_id: int) -> dict[str, torch.Tensor]:
-    examples = encode_conversations(read_chat_jsonl(path), template, seq_len)
+def chat_rows(conversations, template, seq_len: int, pack: bool, pad_id: int) -> dict[str, torch.Tensor]:
+    examples = encode_conversations(conversations, template, seq_len)
     return (pack_examples if pack else one_per_row)(examples, seq_len, pad_id)
+
+
+def split_conversations(data: ChatDataConfig):
+    """(train, val) conversations: `val` from its own file, or the last `val_fraction` of train."""
+    train_convs = read_chat_jsonl(data.train)
+    if data.val:
+        return train_convs, read_chat_jsonl(data.val)
+    n_val = int(len(train_convs) * data.val_fraction)
+    if data.val_fraction and (n_val == 0 or n_val == len(train_convs)):
+        raise LmlabError(f"data.val_fraction={data.val_fraction} of {len(train_convs)} conversations "
+                         "leaves no validation or no training data; change it or give data.val")
+    return (train_convs[:-n_val], train_convs[-n_val:]) if n_val else (train_convs, None)
 
 
 def batches(rows: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
@@ -128,9 +143,10 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, run_dir: str | Pa
         raise LmlabError(f"data.seq_len={seq_len} exceeds the model's context {model.config.max_seq_len}")
     template = make_template(cfg.data.template, tokenizer)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    train_rows = chat_rows(cfg.data.train, template, seq_len, cfg.data.pack, pad_id)
+    train_convs, val_convs = split_conversations(cfg.data)
+    train_rows = chat_rows(train_convs, template, seq_len, cfg.data.pack, pad_id)
     # Validation keeps one conversation per row: its metrics then do not depend on packing.
-    val_rows = chat_rows(cfg.data.val, template, seq_len, False, pad_id) if cfg.data.val else None
+    val_rows = chat_rows(val_convs, template, seq_len, False, pad_id) if val_convs else None
 
     report = prepare_model(model, cfg.method, cfg.adapter)
     log(f"fine-tuning ({cfg.method}) on {train_rows['input_ids'].shape[0]} rows of {seq_len} tokens")
