@@ -133,3 +133,13 @@ def test_val_fraction_holds_out_the_last_records(tmp_path):
     assert val_convs[0].source.endswith("train.jsonl:16")
     with pytest.raises(LmlabError, match="val_fraction"):
         split_conversations(ChatDataConfig(train=str(tmp_path / "train.jsonl"), val_fraction=0.01))
+
+
+def test_packaged_finetune_recipe_parses():
+    from pathlib import Path
+
+    from lmlab.config import load_yaml
+
+    path = Path(__file__).resolve().parents[1] / "src" / "lmlab" / "recipes" / "finetune-sort.yaml"
+    cfg = FinetuneConfig.from_dict(load_yaml(path))
+    assert cfg.adapter.r == 8 and cfg.data.val_fraction == 0.1
