@@ -33,6 +33,72 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(f"done: {result.train.run_dir} (model/, adapter/ for LoRA/DoRA, finetune_report.json)")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from lmlab.interop import hf
+
+    if args.direction == "from-hf":
+        import torch
+
+        dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+        out = hf.convert_from_hf(args.src, args.out, dtype=dtype)
+    else:
+        out = hf.convert_to_hf(args.src, args.out, max_shard_bytes=hf.parse_size(args.max_shard_size))
+    print(f"wrote {out}")
+
+
+def _texts(inputs: list[str], text_field: str):
+    from lmlab.data.corpus import embedded_corpus_texts
+    from lmlab.data.sources import read_texts
+
+    if not inputs:
+        return embedded_corpus_texts()
+    return (t for path in inputs for t in read_texts(path, text_field))
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from lmlab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(_texts(args.inputs, args.text_field), args.vocab_size)
+    tok.save(args.out)
+    print(f"trained a {tok.vocab_size}-token byte-level BPE -> {args.out}")
+
+
+def cmd_shards(args: argparse.Namespace) -> None:
+    from lmlab.data.shards import build_shards
+    from lmlab.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer)
+    manifest = build_shards(_texts(args.inputs, args.text_field), tok, args.out, seq_len=args.seq_len,
+                            val_fraction=args.val_fraction)
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens, {info['rows']} rows")
+    print(f"{manifest['tokens_per_second']:,} tokens/s -> {args.out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from lmlab import load_model
+    from lmlab.decode.generate import generate, stream
+    from lmlab.tokenizer import Tokenizer
+
+    model = load_model(args.model).eval()
+    tok = Tokenizer.load(args.tokenizer or args.model)
+    prompts = [tok.encode(p, add_bos=tok.bos_id is not None) for p in args.prompt]
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                   repetition_penalty=args.repetition_penalty, eos_id=tok.eos_id, stop=args.stop or None,
+                   decode=tok.decode, seed=args.seed)
+    if len(prompts) == 1:  # stream the text as it is generated
+        results, shown = [], ""
+        print(args.prompt[0], end="", flush=True)
+        for _ in stream(model, prompts, args.max_new_tokens, results=results, **options):
+            text = tok.decode([t for t in results[0].tokens if t != tok.eos_id])
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        print()
+        return
+    for prompt, g in zip(args.prompt, generate(model, prompts, args.max_new_tokens, **options)):
+        print(f"{prompt}{g.text}\n[{g.finish_reason}, {len(g.tokens)} tokens]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="A from-scratch lab for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +117,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="METHODS", help="e.g. full,lora,dora: one run per method into "
                    "out/<method>, then a table in out/comparison.md")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("tokenize", help="train a byte-level BPE tokenizer (default: on the embedded corpus)")
+    p.add_argument("inputs", nargs="*", help="text/JSONL/Parquet files or directories")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
+    p.add_argument("--out", default="tokenizer.json")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("shards", help="tokenize and pack documents into memory-mapped training shards")
+    p.add_argument("inputs", nargs="*", help="text/JSONL/Parquet files or directories (default: embedded corpus)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json, sentencepiece .model, or a model dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--text-field", default="text")
+    p.set_defaults(func=cmd_shards)
+
+    p = sub.add_parser("generate", help="sample text from a model directory (KV-cached, batched)")
+    p.add_argument("model", help="an lmlab or Hugging Face model directory")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--tokenizer", help="default: the tokenizer in the model directory")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and lmlab formats")
+    p.add_argument("direction", choices=["from-hf", "to-hf"],
+                   help="from-hf: HF model dir -> lmlab dir; to-hf: lmlab dir -> HF model dir")
+    p.add_argument("src", help="directory to read")
+    p.add_argument("out", help="new (or empty) directory to write")
+    p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
+                   help="from-hf: cast the weights (default: keep the stored dtype)")
+    p.add_argument("--max-shard-size", default="5GB", help="to-hf: shard the weights above this size (default 5GB)")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
