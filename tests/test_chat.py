@@ -160,3 +160,14 @@ def test_answer_exact_match_by_hand():
     predicted = torch.tensor([[9, 3, 4, 9, 6, 9]])  # doc 0 right (prompt positions ignored), doc 1 wrong
     logits = F.one_hot(predicted, 10).float()
     assert answer_exact_match(logits, targets, doc_ids).tolist() == [1.0, 0.0]
+
+
+def test_our_template_with_a_trained_lmlab_tokenizer():
+    from lmlab.tokenizer import SPECIAL_TOKENS, train_tokenizer
+
+    tok = train_tokenizer(["sort: c a b", "a b c", "hello there"] * 5, vocab_size=len(SPECIAL_TOKENS) + 256 + 8)
+    template = RoleTokenTemplate(tok)
+    ex = template.encode(conv(("user", "sort: c a b"), ("assistant", "a b c")))
+    assert tok.decode(ex.ids) == "<|bos|><|user|>sort: c a b<|end|><|assistant|>a b c<|end|>"
+    assert tok.decode([t for t in ex.labels if t != IGNORE]) == "a b c<|end|>"
+    assert template.stop_ids == [tok.token_to_id("<|end|>")]

@@ -217,21 +217,13 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def load_tokenizer(model_dir: str | Path):
-    from lmlab.tokenizer import Tokenizer
-
-    for name in ("tokenizer.json", "tokenizer.model"):
-        if (Path(model_dir) / name).is_file():
-            return Tokenizer.load(Path(model_dir) / name)
-    raise LmlabError(f"no tokenizer.json or tokenizer.model in {model_dir}: save the model with its tokenizer")
-
-
 def finetune_recipe(path: str | Path, method: str | None = None, overrides: list[str] = (),
                     resume: bool = False, compare: tuple[str, ...] = ()):
     """`lmlab finetune`: read a recipe YAML, load `base` and its tokenizer, fine-tune
     (or, with `compare`, fine-tune once per method and tabulate)."""
     from lmlab.checkpoint import load_model
     from lmlab.config import load_yaml
+    from lmlab.tokenizer import Tokenizer
     from lmlab.train.config import apply_overrides
 
     data = apply_overrides(load_yaml(path), list(overrides))
@@ -245,5 +237,5 @@ def finetune_recipe(path: str | Path, method: str | None = None, overrides: list
         unknown = [m for m in compare if m not in METHODS]
         if unknown:
             raise LmlabError(f"--compare {','.join(compare)}: unknown method(s) {unknown}; use {','.join(METHODS)}")
-        return compare_methods(model, load_tokenizer(cfg.base), cfg, cfg.out, tuple(compare))
-    return finetune(model, load_tokenizer(cfg.base), cfg, cfg.out, resume=resume)
+        return compare_methods(model, Tokenizer.load(cfg.base), cfg, cfg.out, tuple(compare))
+    return finetune(model, Tokenizer.load(cfg.base), cfg, cfg.out, resume=resume)
