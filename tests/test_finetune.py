@@ -91,7 +91,7 @@ def test_cli_finetune_from_recipe(tmp_path):
 
     write_task(tmp_path / "train.jsonl", 32, 0)
     texts = [json.loads(line)["prompt"] for line in open(tmp_path / "train.jsonl")] * 4
-    tok = tokenizer_mod.train_tokenizer(texts, vocab_size=64)
+    tok = tokenizer_mod.train_tokenizer(texts, vocab_size=len(tokenizer_mod.SPECIAL_TOKENS) + 256 + 16)
     cfg = CFG.replace(vocab_size=tok.vocab_size)
     save_model(build_model(cfg), tmp_path / "base", tokenizer=tok)
     (tmp_path / "recipe.yaml").write_text(
