@@ -239,3 +239,22 @@ def test_trainable_base_parameters_train_and_travel_with_the_adapter(tmp_path):
     torch.testing.assert_close(fresh(idx), expected, atol=0, rtol=0)
     with pytest.raises(LmlabError, match="match no parameter"):
         apply_adapters(build_model(CFG), AdapterConfig(targets=("q_proj",), trainable=("embeddings",)))
+
+
+def test_cli_adapter_merge_writes_a_plain_model(tmp_path):
+    from lmlab.checkpoint import load_model, save_model
+    from lmlab.cli import main
+
+    base = build_model(CFG)
+    save_model(base, tmp_path / "base")
+    apply_adapters(base, AdapterConfig(method="dora", r=2, targets=("v_proj", "down_proj")))
+    for m in base.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.2)
+    idx = torch.randint(0, CFG.vocab_size, (1, 6))
+    expected = base(idx).detach()
+    save_adapter(base, tmp_path / "adapter")
+    assert main(["adapter", "merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 0
+    merged = load_model(tmp_path / "out")
+    torch.testing.assert_close(merged(idx), expected, atol=1e-5, rtol=1e-5)
+    assert main(["adapter", "merge", str(tmp_path / "base"), str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2

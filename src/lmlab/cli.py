@@ -99,6 +99,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"{prompt}{g.text}\n[{g.finish_reason}, {len(g.tokens)} tokens]")
 
 
+def cmd_adapter_merge(args: argparse.Namespace) -> None:
+    from lmlab.adapters.export import merge_adapter_into
+
+    print(f"wrote {merge_adapter_into(args.base, args.adapter, args.out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="A from-scratch lab for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="METHODS", help="e.g. full,lora,dora: one run per method into "
                    "out/<method>, then a table in out/comparison.md")
     p.set_defaults(func=cmd_finetune)
+
+    adapter = sub.add_parser("adapter", help="LoRA/DoRA adapters saved by `lmlab finetune`").add_subparsers(
+        dest="adapter_command", required=True)
+    p = adapter.add_parser("merge", help="fold an adapter into its base and write a plain model directory")
+    p.add_argument("base", help="the base model directory the adapter was trained on")
+    p.add_argument("adapter", help="the adapter directory (adapter.safetensors + adapter_config.json)")
+    p.add_argument("out", help="output model directory")
+    p.set_defaults(func=cmd_adapter_merge)
 
     p = sub.add_parser("tokenize", help="train a byte-level BPE tokenizer (default: on the embedded corpus)")
     p.add_argument("inputs", nargs="*", help="text/JSONL/Parquet files or directories")
