@@ -258,3 +258,26 @@ def test_cli_adapter_merge_writes_a_plain_model(tmp_path):
     merged = load_model(tmp_path / "out")
     torch.testing.assert_close(merged(idx), expected, atol=1e-5, rtol=1e-5)
     assert main(["adapter", "merge", str(tmp_path / "base"), str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_16_bit_base_keeps_float32_adapters(method):
+    model32 = build_model(CFG)
+    model16 = build_model(CFG)
+    model16.load_state_dict(model32.state_dict())
+    model16.to(torch.bfloat16)
+    apply_adapters(model16, AdapterConfig(method=method, r=4, targets=("q_proj", "up_proj")))
+    apply_adapters(model32, AdapterConfig(method=method, r=4, targets=("q_proj", "up_proj")))
+    for (_, a), (_, b) in zip(sorted(model32.named_parameters()), sorted(model16.named_parameters())):
+        if a.requires_grad:
+            assert b.dtype == torch.float32
+            with torch.no_grad():
+                a.copy_(torch.randn_like(a) * 0.1 + (1.0 if a.dim() == 1 else 0.0))
+                b.copy_(a)
+    idx = torch.randint(0, CFG.vocab_size, (2, 6))
+    out16 = model16(idx)
+    assert out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.float(), model32(idx), atol=0.1, rtol=0.05)
+    out16.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in model16.parameters() if p.requires_grad)

@@ -20,7 +20,7 @@ class DoRALinear(LoRALinear):
                  rslora: bool = False) -> None:
         super().__init__(base, r, alpha, dropout, rslora)
         # Initialised to ‖W‖ (B = 0), so the adapted layer starts equal to the base.
-        self.magnitude = nn.Parameter(row_norm(self.weight.detach()).clone())
+        self.magnitude = nn.Parameter(row_norm(self.weight.detach().float()).to(self.lora_A.dtype))
         self.register_buffer("merge_norm", None, persistent=False)
 
     def direction_norm(self) -> torch.Tensor:
@@ -37,8 +37,8 @@ class DoRALinear(LoRALinear):
         # (m/n)(W + sBA) xd, written as a correction to the undropped base output so the
         # base matmul is shared; with dropout, W is applied to x and to dropout(x) separately.
         base_d = base if xd is x else F.linear(xd, self.weight)
-        lora = F.linear(F.linear(xd, self.lora_A), self.lora_B)
-        y = base + (scale - 1) * base_d + scale * self.scaling * lora
+        correction = (scale - 1) * base_d + scale * self.scaling * self.lora_out(xd)
+        y = base + correction.to(base.dtype)
         return y if self.bias is None else y + self.bias
 
     @torch.no_grad()

@@ -13,6 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters of a 16-bit base are kept in float32 (as peft does): their small updates
+    would round away in bf16/fp16, and they are few enough that the memory is negligible."""
+    return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
+
+
 def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
     """alpha/r (the paper), or alpha/sqrt(r) (rsLoRA: keeps the update's scale stable in r)."""
     return alpha / math.sqrt(r) if rslora else alpha / r
@@ -32,7 +38,7 @@ class LoRALinear(nn.Linear):
             self.bias.requires_grad_(False)
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = lora_scaling(alpha, r, rslora)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -50,11 +56,15 @@ class LoRALinear(nn.Linear):
         """s · B A, shape (out, in)."""
         return self.scaling * (self.lora_B @ self.lora_A)
 
+    def lora_out(self, x: torch.Tensor) -> torch.Tensor:
+        """B A x in the adapter's dtype (x is cast to it first)."""
+        return F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        return y + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        return y + (self.scaling * self.lora_out(self.dropout(x))).to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
