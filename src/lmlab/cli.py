@@ -49,6 +49,15 @@ def _recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--run-dir", help="where metrics, checkpoints and the model go (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lmlab.train.finetune import finetune_recipe
+
+    compare = tuple(m.strip() for m in args.compare.split(",")) if args.compare else ()
+    result = finetune_recipe(args.config, args.method, args.set, args.resume, compare)
+    if not compare:
+        print(f"done: {result.train.run_dir} (model/, adapter/ for LoRA/DoRA, finetune_report.json)")
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from lmlab.interop import hf
 
@@ -149,6 +158,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"{prompt}{g.text}\n[{g.finish_reason}, {len(g.tokens)} tokens]")
 
 
+def cmd_adapter_merge(args: argparse.Namespace) -> None:
+    from lmlab.adapters.export import merge_adapter_into
+
+    print(f"wrote {merge_adapter_into(args.base, args.adapter, args.out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="A from-scratch lab for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole default pipeline on the embedded corpus (a few minutes on CPU)")
     _recipe_args(p, required=False)
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("finetune", help="supervised fine-tuning on chat JSONL: full, LoRA or DoRA")
+    p.add_argument("--config", required=True, help="recipe YAML (base, out, method, data, adapter, train)")
+    p.add_argument("--method", choices=("full", "lora", "dora"), help="overrides the recipe's method")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set adapter.r=16 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in `out` from its last checkpoint")
+    p.add_argument("--compare", metavar="METHODS", help="e.g. full,lora,dora: one run per method into "
+                   "out/<method>, then a table in out/comparison.md")
+    p.set_defaults(func=cmd_finetune)
+
+    adapter = sub.add_parser("adapter", help="LoRA/DoRA adapters saved by `lmlab finetune`").add_subparsers(
+        dest="adapter_command", required=True)
+    p = adapter.add_parser("merge", help="fold an adapter into its base and write a plain model directory")
+    p.add_argument("base", help="the base model directory the adapter was trained on")
+    p.add_argument("adapter", help="the adapter directory (adapter.safetensors + adapter_config.json)")
+    p.add_argument("out", help="output model directory")
+    p.set_defaults(func=cmd_adapter_merge)
 
     p = sub.add_parser("tokenize", help="train a byte-level BPE tokenizer (default: on the embedded corpus)")
     p.add_argument("inputs", nargs="*", help="text/JSONL/Parquet files or directories")
