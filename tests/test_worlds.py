@@ -14,7 +14,7 @@ import pytest
 from lmlab.cli import main
 from lmlab.errors import LmlabError
 from lmlab.worlds import fact, sort
-from lmlab.worlds.evaluate import exact_match, kl_estimate, plot_reward_vs_kl, sort_rewards
+from lmlab.worlds.evaluate import exact_match, kl_estimate, plot_reward_vs_kl, reward_kl_point, sort_rewards
 from lmlab.worlds.export import export_world
 from lmlab.worlds.labeller import LabellerConfig, SplitConfig, label_pairs, preference_splits
 
@@ -188,6 +188,13 @@ def test_kl_estimate_matches_exact_categorical_kl():
     assert kl_estimate([[-1.0, -2.0]], [[-1.0, -2.0]])[0] == 0.0
     with pytest.raises(LmlabError, match="same generated tokens"):
         kl_estimate([[-1.0]], [[-1.0, -2.0]])
+
+
+def test_reward_kl_point():
+    pt = reward_kl_point(["sort: b a", "sort: b a"], ["a b", "b a um"], ["eos", "length"], [1.0, 3.0],
+                         [[-0.5, -0.5], [-1.0]], [[-1.0, -1.0], [-1.0]])
+    # gold: 1.0 and 0.5*1 + 0 + 0 - 0.1 = 0.4; KL samples: 1.0 and 0.0
+    assert pt == pytest.approx({"kl": 0.5, "kl_se": 0.5, "gold": 0.7, "gold_sparse": 0.5, "proxy": 2.0})
 
 
 def test_plot_is_written_atomically(tmp_path):

@@ -77,6 +77,19 @@ def kl_estimate(policy_logprobs: Sequence[Sequence[float]], ref_logprobs: Sequen
     return float(per.mean()), se
 
 
+def reward_kl_point(prompts: Sequence[str], answers: Sequence[str], finish_reasons: Sequence[str] | None,
+                    proxy_rewards: Sequence[float], policy_logprobs: Sequence[Sequence[float]],
+                    ref_logprobs: Sequence[Sequence[float]]) -> dict[str, float]:
+    """One point of the reward-hacking picture for a batch of samples from one policy:
+    mean gold (dense and sparse) and proxy reward, and the KL estimate to the reference."""
+    if len(proxy_rewards) != len(answers):
+        raise LmlabError(f"{len(proxy_rewards)} proxy rewards for {len(answers)} answers; score every answer")
+    gold = sort_rewards(prompts, answers, finish_reasons)
+    kl, kl_se = kl_estimate(policy_logprobs, ref_logprobs)
+    return {"kl": kl, "kl_se": kl_se, "gold": float(np.mean(gold["gold_dense"])),
+            "gold_sparse": float(np.mean(gold["gold_sparse"])), "proxy": float(np.mean(proxy_rewards))}
+
+
 def plot_reward_vs_kl(points: Sequence[Mapping[str, float]], path, title: str = "gold vs proxy reward") -> None:
     """Gold and proxy reward (two y-axes: their scales differ) against KL to the reference,
     one point per checkpoint or KL budget. Written atomically as PNG."""

@@ -1,6 +1,7 @@
 """Write a world to disk in the formats users' own data use, so every command runs on worlds
 and user data alike:
-- `corpus.jsonl`: pretraining text, one `{"text": ...}` document per line;
+- `corpus.jsonl`: pretraining text, one `{"id": ..., "text": ...}` document per line (the
+  curation tools' document format);
 - `sft.jsonl`: chat examples, `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`;
 - `preferences_<split>.jsonl` (SortWorld): `{"prompt", "chosen", "rejected"}`;
 - `eval.jsonl`: held-out prompts (`{"prompt"}` for SortWorld, whose gold reward the
@@ -32,6 +33,10 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> int:
     return n
 
 
+def documents(world: str, texts: list[str]) -> Iterable[dict]:
+    return ({"id": f"{world}-{i}", "text": t} for i, t in enumerate(texts))
+
+
 def chat(prompt: str, answer: str) -> dict:
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
@@ -46,9 +51,9 @@ def export_sort(out_dir: Path, seed: int, n: int, sort_cfg: sort.SortConfig = so
     corpus, rest = tasks[:n_corpus], tasks[n_corpus:]
     sft, rest = rest[:n], rest[n:]
     evals, pref_tasks = rest[:n_eval], rest[n_eval:]
+    docs = sort.corpus_documents(corpus, seed)
     counts = {
-        "corpus.jsonl": write_jsonl_atomic(out_dir / "corpus.jsonl",
-                                           ({"text": d} for d in sort.corpus_documents(corpus, seed))),
+        "corpus.jsonl": write_jsonl_atomic(out_dir / "corpus.jsonl", documents("sort", docs)),
         "sft.jsonl": write_jsonl_atomic(out_dir / "sft.jsonl", (chat(t.prompt, t.ideal) for t in sft)),
         "eval.jsonl": write_jsonl_atomic(out_dir / "eval.jsonl", ({"prompt": t.prompt} for t in evals)),
     }
@@ -63,9 +68,9 @@ def export_fact(out_dir: Path, seed: int, n: int) -> dict:
     """A FactWorld of `n` keys: corpus, SFT on half the keys, exact-match eval on the rest."""
     cfg = fact.FactConfig(n_keys=n)
     world = fact.make_world(seed, cfg)
+    docs = fact.corpus_documents(world, seed, cfg)
     counts = {
-        "corpus.jsonl": write_jsonl_atomic(out_dir / "corpus.jsonl",
-                                           ({"text": d} for d in fact.corpus_documents(world, seed, cfg))),
+        "corpus.jsonl": write_jsonl_atomic(out_dir / "corpus.jsonl", documents("fact", docs)),
         "sft.jsonl": write_jsonl_atomic(out_dir / "sft.jsonl", (chat(q, a) for q, a in world.sft_examples())),
         "eval.jsonl": write_jsonl_atomic(out_dir / "eval.jsonl",
                                          ({"prompt": q, "answer": a} for q, a in world.eval_examples())),
