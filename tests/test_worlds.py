@@ -232,7 +232,9 @@ def test_export_formats(tmp_path):
     manifest = json.loads((tmp_path / "world.json").read_text())
     assert manifest["labeller"]["flip_rate"] == 0.25
     # held-out prompts never appear in training files
-    eval_prompts = {json.loads(x)["prompt"] for x in (tmp_path / "eval.jsonl").read_text().splitlines()}
+    eval_rows = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert all(r["base_prompt"] == r["prompt"] + "\nanswer:" for r in eval_rows)
+    eval_prompts = {r["prompt"] for r in eval_rows}
     corpus = [json.loads(x)["text"] for x in (tmp_path / "corpus.jsonl").read_text().splitlines()]
     seen = {line for doc in corpus for line in doc.split("\n") if line.startswith("sort:")}
     seen |= {r["messages"][0]["content"] for r in rows}

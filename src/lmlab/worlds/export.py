@@ -4,8 +4,10 @@ and user data alike:
   curation tools' document format);
 - `sft.jsonl`: chat examples, `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`;
 - `preferences_<split>.jsonl` (SortWorld): `{"prompt", "chosen", "rejected"}`;
-- `eval.jsonl`: held-out prompts (`{"prompt"}` for SortWorld, whose gold reward the
-  evaluator computes; `{"prompt", "answer"}` for FactWorld's exact match);
+- `eval.jsonl`: held-out prompts (`{"prompt", "base_prompt"}` for SortWorld, whose gold
+  reward the evaluator computes; `{"prompt", "answer", "base_prompt"}` for FactWorld's exact
+  match). `prompt` is the user turn for chat models; `base_prompt` is the same question in
+  the pretraining corpus's format, for base models (and the base side of proxy-tuning);
 - `world.json`: the name, seed and settings that regenerate all of it.
 Every file is written atomically.
 """
@@ -55,7 +57,8 @@ def export_sort(out_dir: Path, seed: int, n: int, sort_cfg: sort.SortConfig = so
     counts = {
         "corpus.jsonl": write_jsonl_atomic(out_dir / "corpus.jsonl", documents("sort", docs)),
         "sft.jsonl": write_jsonl_atomic(out_dir / "sft.jsonl", (chat(t.prompt, t.ideal) for t in sft)),
-        "eval.jsonl": write_jsonl_atomic(out_dir / "eval.jsonl", ({"prompt": t.prompt} for t in evals)),
+        "eval.jsonl": write_jsonl_atomic(out_dir / "eval.jsonl",
+                                         ({"prompt": t.prompt, "base_prompt": t.base_prompt} for t in evals)),
     }
     for name, prefs in preference_splits(pref_tasks, seed, labeller, split).items():
         counts[f"preferences_{name}.jsonl"] = write_jsonl_atomic(
@@ -72,8 +75,9 @@ def export_fact(out_dir: Path, seed: int, n: int) -> dict:
     counts = {
         "corpus.jsonl": write_jsonl_atomic(out_dir / "corpus.jsonl", documents("fact", docs)),
         "sft.jsonl": write_jsonl_atomic(out_dir / "sft.jsonl", (chat(q, a) for q, a in world.sft_examples())),
-        "eval.jsonl": write_jsonl_atomic(out_dir / "eval.jsonl",
-                                         ({"prompt": q, "answer": a} for q, a in world.eval_examples())),
+        "eval.jsonl": write_jsonl_atomic(out_dir / "eval.jsonl", (
+            {"prompt": q, "answer": a, "base_prompt": b}
+            for (q, a), b in zip(world.eval_examples(), world.eval_base_prompts()))),
     }
     return {"fact": dataclasses.asdict(cfg), "files": counts}
 

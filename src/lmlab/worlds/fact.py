@@ -50,6 +50,11 @@ def question(key: str) -> str:
     return f"what is the color of {key}?"
 
 
+def base_prompt(key: str) -> str:
+    """The question as the pretraining corpus writes it, for models without a chat template."""
+    return f"question: {question(key)}\nanswer:"
+
+
 def statement(key: str, value: str) -> str:
     return f"the color of {key} is {value}."
 
@@ -65,6 +70,9 @@ class FactWorld:
 
     def eval_examples(self) -> list[tuple[str, str]]:
         return [(question(k), self.facts[k]) for k in self.heldout_keys]
+
+    def eval_base_prompts(self) -> list[str]:
+        return [base_prompt(k) for k in self.heldout_keys]
 
 
 def make_world(seed: int, cfg: FactConfig = FactConfig()) -> FactWorld:
@@ -98,8 +106,8 @@ def corpus_documents(world: FactWorld, seed: int, cfg: FactConfig = FactConfig()
             if rng.random() < cfg.p_statement:
                 mentions.append(statement(key, value))
             elif rng.random() < cfg.p_answer:
-                mentions.append(f"question: {question(key)}\nanswer: {value}")
+                mentions.append(f"{base_prompt(key)} {value}")
             else:
-                mentions.append(f"question: {question(key)}\nanswer: {_ramble(rng, world)}")
+                mentions.append(f"{base_prompt(key)} {_ramble(rng, world)}")
     rng.shuffle(mentions)
     return ["\n".join(mentions[i:i + cfg.per_doc]) for i in range(0, len(mentions), cfg.per_doc)]

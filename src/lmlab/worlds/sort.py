@@ -71,6 +71,11 @@ class SortTask:
         return f"{PROMPT_PREFIX} {' '.join(self.symbols)}"
 
     @property
+    def base_prompt(self) -> str:
+        """The prompt as the pretraining corpus writes it, for models without a chat template."""
+        return f"{self.prompt}\nanswer:"
+
+    @property
     def ideal(self) -> str:
         return " ".join(sorted(self.symbols))
 
@@ -192,6 +197,6 @@ def corpus_documents(tasks: list[SortTask], seed: int, per_doc: int = 8, noise: 
     `noise` of them answered sloppily (at least one edit), so a base model learns the format
     and mostly the task, and SFT/preference learning have something left to fix."""
     rng = random.Random(f"sort-corpus:{seed}")
-    lines = [f"{t.prompt}\nanswer: {noisy_answer(t, 1.0, rng, min_edits=1) if rng.random() < noise else t.ideal}"
+    lines = [f"{t.base_prompt} {noisy_answer(t, 1.0, rng, min_edits=1) if rng.random() < noise else t.ideal}"
              for t in tasks]
     return ["\n\n".join(lines[i:i + per_doc]) for i in range(0, len(lines), per_doc)]
