@@ -24,6 +24,19 @@ def cmd_inspect(args: argparse.Namespace) -> None:
               f"  [{info['reference']}]")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from lmlab.interop import hf
+
+    if args.direction == "from-hf":
+        import torch
+
+        dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+        out = hf.convert_from_hf(args.src, args.out, dtype=dtype)
+    else:
+        out = hf.convert_to_hf(args.src, args.out, max_shard_bytes=hf.parse_size(args.max_shard_size))
+    print(f"wrote {out}")
+
+
 def cmd_world_export(args: argparse.Namespace) -> None:
     from lmlab.worlds.export import export_world
     from lmlab.worlds.labeller import LabellerConfig
@@ -43,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset")
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and lmlab formats")
+    p.add_argument("direction", choices=["from-hf", "to-hf"],
+                   help="from-hf: HF model dir -> lmlab dir; to-hf: lmlab dir -> HF model dir")
+    p.add_argument("src", help="directory to read")
+    p.add_argument("out", help="new (or empty) directory to write")
+    p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
+                   help="from-hf: cast the weights (default: keep the stored dtype)")
+    p.add_argument("--max-shard-size", default="5GB", help="to-hf: shard the weights above this size (default 5GB)")
+    p.set_defaults(func=cmd_convert)
 
     world = sub.add_parser("world", help="gold-reward worlds (SortWorld, FactWorld)").add_subparsers(
         dest="world_command", required=True)
