@@ -162,6 +162,15 @@ def cmd_adapter_merge(args: argparse.Namespace) -> None:
     from lmlab.adapters.export import merge_adapter_into
 
     print(f"wrote {merge_adapter_into(args.base, args.adapter, args.out)}")
+def cmd_world_export(args: argparse.Namespace) -> None:
+    from lmlab.worlds.export import export_world
+    from lmlab.worlds.labeller import LabellerConfig
+
+    labeller = LabellerConfig(temperature=args.label_temperature, length_weight=args.length_weight,
+                              filler_weight=args.filler_weight, flip_rate=args.flip_rate)
+    manifest = export_world(args.name, args.out_dir, seed=args.seed, n=args.n, labeller=labeller)
+    for fname, count in manifest["files"].items():
+        print(f"{args.out_dir}/{fname}: {count} rows")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="from-hf: cast the weights (default: keep the stored dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="to-hf: shard the weights above this size (default 5GB)")
     p.set_defaults(func=cmd_convert)
+
+    world = sub.add_parser("world", help="gold-reward worlds (SortWorld, FactWorld)").add_subparsers(
+        dest="world_command", required=True)
+    p = world.add_parser("export", help="write a world's corpus, SFT, preference and eval files")
+    p.add_argument("name", choices=["sort", "fact"])
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=None,
+                   help="scale: SFT prompts for sort (default 2000), keys for fact (default 200)")
+    p.add_argument("--flip-rate", type=float, default=0.0, help="sort labeller: fraction of flipped labels")
+    p.add_argument("--label-temperature", type=float, default=0.1, help="sort labeller: Bradley-Terry temperature")
+    p.add_argument("--length-weight", type=float, default=0.05, help="sort labeller: spurious bonus per answer token")
+    p.add_argument("--filler-weight", type=float, default=0.1, help="sort labeller: spurious bonus per filler word")
+    p.set_defaults(func=cmd_world_export)
     return parser
 
 
