@@ -266,6 +266,23 @@ register(ModelConfig(
     n_heads=32, ffn_hidden=8192, max_seq_len=4096, norm_eps=1e-5, rope_theta=10000.0,
     sliding_window=2047, reference="Phi-3-mini: 3.82B parameters",
 ))
+register(ModelConfig(
+    name="mixtral-8x7b", family="mixtral", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
+    n_kv_heads=8, ffn_hidden=14336, max_seq_len=32768, norm_eps=1e-5, rope_theta=1e6,
+    n_experts=8, top_k=2, moe_aux_loss_weight=0.02,
+    reference="Mixtral 8x7B: 46.7B parameters, 12.9B active",
+))
+register(ModelConfig(
+    name="mixtral-8x22b", family="mixtral", vocab_size=32768, d_model=6144, n_layers=56, n_heads=48,
+    n_kv_heads=8, ffn_hidden=16384, max_seq_len=65536, norm_eps=1e-5, rope_theta=1e6,
+    n_experts=8, top_k=2, moe_aux_loss_weight=0.001,
+    reference="Mixtral 8x22B: 141B parameters, 39B active",
+))
+register(ModelConfig(
+    name="micro-moe", family="mixtral", vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4,
+    ffn_hidden=688, max_seq_len=256, n_experts=8, top_k=2, moe_aux_loss_weight=0.01,
+    reference="benchmark MoE: the micro model with 8 experts, top-2",
+))
 # Micro models for tests and CPU runs.
 register(ModelConfig(
     name="micro", vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4,

@@ -12,12 +12,15 @@ from lmlab.model.attention import Attention
 from lmlab.model.cache import KVCache
 from lmlab.model.masks import causal_mask, with_key_padding
 from lmlab.model.mlp import SwiGLU
+from lmlab.model.moe import MoE
 from lmlab.model.norm import RMSNorm
 from lmlab.model.rope import inverse_frequencies, rope_cos_sin
 
 
 def make_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
-    """The feed-forward block of `layer`: the seam where sparse experts plug in."""
+    """The feed-forward block of `layer`: dense SwiGLU, or sparse experts (Mixtral)."""
+    if cfg.is_moe:
+        return MoE(cfg, layer)
     return SwiGLU(cfg.d_model, cfg.layer_ffn(layer), bias=cfg.mlp_bias)
 
 
@@ -77,6 +80,10 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, MoE):
+                for proj in (module.gate_proj, module.up_proj):
+                    nn.init.normal_(proj, 0.0, std)
+                nn.init.normal_(module.down_proj, 0.0, out_std)
         if self.inv_freq.device.type != "meta":
             self.reset_rope()
 

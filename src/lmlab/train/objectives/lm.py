@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.model.moe import collect_aux_losses
+
 IGNORE_INDEX = -100
 
 
@@ -60,8 +62,14 @@ class LanguageModeling:
         total, count = chunked_cross_entropy(model, hidden.reshape(-1, hidden.shape[-1]),
                                              targets, self.loss_chunk)
         loss = total / count.clamp(min=1)
-        # A tensor, not .item(): a host sync here would break torch.compile's graph.
-        return loss, {"loss": loss.detach()}
+        # Tensors, not .item(): a host sync here would break torch.compile's graph.
+        metrics = {"loss": loss.detach()}
+        aux = collect_aux_losses(model)
+        if aux:  # sparse experts: add the router's balancing and z losses with the config's weights
+            cfg = model.config
+            loss = loss + cfg.moe_aux_loss_weight * aux["moe_aux_loss"] + cfg.moe_z_loss_weight * aux["moe_z_loss"]
+            metrics.update({name: value.detach() for name, value in aux.items()})
+        return loss, metrics
 
     def weight(self, batch: Any) -> int:
         return int((split_batch(batch)["targets"] != IGNORE_INDEX).sum())

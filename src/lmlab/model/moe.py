@@ -1,0 +1,132 @@
+"""Sparse mixture-of-experts feed-forward block (Mixtral): a linear router picks the top-k
+of E SwiGLU experts per token, weighted by the router's softmax renormalised over the
+chosen k.
+
+Dispatch is dropless and has no Python loop over experts: the (token, slot) pairs are
+sorted by expert, each expert's rows form one contiguous group, and the three projections
+run as grouped matmuls over all groups at once (`torch._grouped_mm`; a padded `bmm` where
+that is unavailable). The outputs are scaled by the routing weights and scatter-added back.
+
+Expert weights are stacked per projection in the (out, in) layout of an `nn.Linear`, so a
+checkpoint's per-expert matrices stack and unstack without transposes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.config import ModelConfig
+
+
+def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    # The kernel needs 16-byte aligned rows (e.g. bf16 widths that are multiples of 8).
+    return all((n * x.element_size()) % 16 == 0 for n in (x.shape[-1], w.shape[-1], w.shape[-2]))
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` are grouped by expert (group e has counts[e] rows, in expert order);
+    group e is multiplied by weight[e]^T. x: (M, in), weight: (E, out, in) -> (M, out)."""
+    weight = weight.to(x.dtype)
+    if _grouped_mm_usable(x, weight):
+        out = torch._grouped_mm(x, weight.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+        if out.requires_grad:  # the CPU kernel's backward needs a dense incoming gradient
+            out.register_hook(lambda g: g.contiguous())
+        return out
+    return _padded_bmm(x, weight, counts)
+
+
+def _padded_bmm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The same product as one batched matmul over groups padded to the largest one."""
+    n_experts = weight.shape[0]
+    starts = counts.cumsum(0) - counts
+    expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts)
+    slot = torch.arange(x.shape[0], device=x.device) - starts[expert]
+    padded = x.new_zeros(n_experts, int(counts.max()) if x.shape[0] else 0, x.shape[1])
+    padded[expert, slot] = x
+    return torch.bmm(padded, weight.transpose(1, 2))[expert, slot]
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        d, hidden, e = cfg.d_model, cfg.layer_ffn(layer), cfg.n_experts
+        self.n_experts, self.top_k = e, cfg.top_k
+        self.router = nn.Linear(d, e, bias=False)
+        self.gate_proj = nn.Parameter(torch.empty(e, hidden, d))
+        self.up_proj = nn.Parameter(torch.empty(e, hidden, d))
+        self.down_proj = nn.Parameter(torch.empty(e, d, hidden))
+        self.last_stats: dict[str, torch.Tensor] | None = None
+
+    def inactive_parameters_per_token(self) -> int:
+        per_expert = (self.gate_proj.numel() + self.up_proj.numel() + self.down_proj.numel()) // self.n_experts
+        return (self.n_experts - self.top_k) * per_expert
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits (N, E), chosen experts (N, k) and their weights (N, k), float32."""
+        logits = self.router(x)
+        probs = logits.float().softmax(-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return logits, experts, weights / weights.sum(-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, experts, weights = self.route(x)
+        flat = experts.flatten()  # (N * k,): slot j of token t sits at t * k + j
+        order = flat.argsort(stable=True)
+        token = order // self.top_k
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        rows = x[token]
+        hidden = F.silu(grouped_linear(rows, self.gate_proj, counts)) * grouped_linear(rows, self.up_proj, counts)
+        out = grouped_linear(hidden, self.down_proj, counts) * weights.flatten()[order, None]
+        y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+        self.last_stats = router_stats(logits, experts)
+        return y.view(shape)
+
+
+def router_stats(logits: torch.Tensor, experts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over this layer's tokens from which the auxiliary losses are formed, so that the
+    losses over several layers equal those computed on all layers' tokens at once."""
+    n, e = logits.shape
+    probs = logits.float().softmax(-1)
+    chosen = F.one_hot(experts, e).float()  # (N, k, E)
+    return {
+        "tokens": torch.tensor(float(n), device=logits.device),
+        "chosen": chosen.sum(0),  # (k, E): how often each expert fills each slot
+        "prob": probs.sum(0),  # (E,)
+        "z": logits.float().logsumexp(-1).pow(2).sum(),
+        "load": chosen.sum((0, 1)).detach(),  # tokens routed to each expert
+    }
+
+
+def load_balancing_loss(stats: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Switch/Mixtral auxiliary loss: E * sum_e f_e * P_e, where f_e is the fraction of
+    routing slots given to expert e and P_e its mean router probability; it is smallest
+    (top_k) when both are uniform. Equal to transformers' `load_balancing_loss_func`."""
+    tokens = sum(s["tokens"] for s in stats)
+    fraction = sum(s["chosen"] for s in stats) / tokens
+    mean_prob = sum(s["prob"] for s in stats) / tokens
+    return (fraction * mean_prob[None]).sum() * fraction.shape[-1]
+
+
+def router_z_loss(stats: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """ST-MoE's z-loss: mean squared log-sum-exp of the router logits (keeps them small)."""
+    return sum(s["z"] for s in stats) / sum(s["tokens"] for s in stats)
+
+
+def collect_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The auxiliary losses and expert-load statistics of the last forward; {} for a dense model."""
+    stats = [m.last_stats for m in model.modules() if isinstance(m, MoE) and m.last_stats is not None]
+    if not stats:
+        return {}
+    load = sum(s["load"] for s in stats)
+    share = load / load.sum()
+    return {
+        "moe_aux_loss": load_balancing_loss(stats),
+        "moe_z_loss": router_z_loss(stats),
+        # max/mean expert load: 1.0 is perfectly balanced
+        "moe_load_imbalance": share.max() * share.numel(),
+    }
