@@ -283,6 +283,48 @@ register(ModelConfig(
     ffn_hidden=688, max_seq_len=256, n_experts=8, top_k=2, moe_aux_loss_weight=0.01,
     reference="benchmark MoE: the micro model with 8 experts, top-2",
 ))
+
+
+def make_divisible(value: float, divisor: int) -> int:
+    """Round to the nearest multiple of `divisor` (at least `divisor`), never more than 10%
+    below `value`: the rounding OpenELM's released configs use for every width."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def layerwise_scaling(n_layers: int, d_model: int, head_dim: int, qkv_multipliers: tuple[float, float],
+                      ffn_multipliers: tuple[float, float], gqa_groups: int = 4,
+                      ffn_divisor: int = 256) -> dict[str, tuple[int, ...]]:
+    """OpenELM's layer-wise scaling (Mehta et al. 2024): the attention width and the FFN width
+    grow linearly from the first layer to the last (multipliers alpha and beta, rounded to two
+    decimals), at constant head size; each width is rounded with `make_divisible`, and every
+    layer keeps n_heads / gqa_groups KV heads. Returns the per-layer tuples of ModelConfig."""
+    import numpy as np
+
+    qkv = [round(float(v), 2) for v in np.linspace(*qkv_multipliers, num=n_layers, dtype=float)]
+    ffn = [round(float(v), 2) for v in np.linspace(*ffn_multipliers, num=n_layers, dtype=float)]
+    heads = tuple(make_divisible(d_model * m, head_dim * gqa_groups) // head_dim for m in qkv)
+    return {
+        "n_heads_per_layer": heads,
+        "n_kv_heads_per_layer": tuple(h // gqa_groups for h in heads),
+        "ffn_hidden_per_layer": tuple(make_divisible(d_model * m, ffn_divisor) for m in ffn),
+    }
+
+
+def openelm(name: str, n_layers: int, d_model: int, head_dim: int, reference: str) -> ModelConfig:
+    dims = layerwise_scaling(n_layers, d_model, head_dim, (0.5, 1.0), (0.5, 4.0))
+    return ModelConfig(
+        name=name, family="openelm", vocab_size=32000, d_model=d_model, n_layers=n_layers,
+        n_heads=max(dims["n_heads_per_layer"]), head_dim=head_dim, ffn_hidden=max(dims["ffn_hidden_per_layer"]),
+        max_seq_len=2048, norm_eps=1e-6, rope_theta=10000.0, tie_embeddings=True, qk_norm=True,
+        reference=reference, **dims,
+    )
+
+
+register(openelm("openelm-270m", 16, 1280, 64, "OpenELM-270M: 0.27B parameters"))
+register(openelm("openelm-450m", 20, 1536, 64, "OpenELM-450M: 0.45B parameters"))
+register(openelm("openelm-1.1b", 28, 2048, 64, "OpenELM-1.1B: 1.08B parameters"))
+register(openelm("openelm-3b", 36, 3072, 128, "OpenELM-3B: 3.04B parameters"))
 # Micro models for tests and CPU runs.
 register(ModelConfig(
     name="micro", vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4,

@@ -27,7 +27,7 @@ from lmlab.config import ModelConfig, RopeScaling, from_mapping
 from lmlab.errors import LmlabError
 from lmlab.io import atomic_path, write_json_atomic
 
-FAMILY_MODULES = ("lmlab.interop.llama", "lmlab.interop.phi3", "lmlab.interop.mixtral")
+FAMILY_MODULES = ("lmlab.interop.llama", "lmlab.interop.phi3", "lmlab.interop.mixtral", "lmlab.interop.openelm")
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
