@@ -1,0 +1,65 @@
+"""Documents as plain dicts (`{"id": str, "text": str, ...metadata}`), a small JSONL/text
+reader and an atomic JSONL writer. Steps that need several passes take a *re-iterable*
+source (a list, or a zero-argument callable returning a fresh iterator) so that nothing has
+to be held in memory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Union
+
+from lmlab.errors import LmlabError
+from lmlab.io import atomic_path
+
+Document = dict
+Source = Union[Callable[[], Iterable[Document]], Iterable[Document]]
+
+
+def iterate(source: Source) -> Iterator[Document]:
+    """A fresh pass over `source`; refuses one-shot iterators, which a second pass would find empty."""
+    if callable(source):
+        return iter(source())
+    if iter(source) is source:
+        raise LmlabError("this step reads its input more than once: pass a list or a function "
+                         "returning a fresh iterator (e.g. `lambda: read_documents(path)`), not a generator")
+    return iter(source)
+
+
+def read_documents(path: str | Path, text_key: str = "text") -> Iterator[Document]:
+    """Stream documents from a `.jsonl` file (one object per line with a `text` field) or a
+    `.txt` file (one document per line). Documents without an id get `<file>:<line>`."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmlabError(f"input file not found: {path} (check the path)")
+    jsonl = path.suffix in (".jsonl", ".json")
+    if not jsonl and path.suffix != ".txt":
+        raise LmlabError(f"{path}: unknown input format {path.suffix!r}; use .jsonl (one JSON object "
+                         f"per line with a {text_key!r} field) or .txt (one document per line)")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not jsonl:
+                yield {"id": f"{path.name}:{lineno}", "text": line.rstrip("\n")}
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LmlabError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix or delete that line") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get(text_key), str):
+                raise LmlabError(f"{path}:{lineno}: expected an object with a string {text_key!r} field")
+            if text_key != "text":
+                doc["text"] = doc.pop(text_key)
+            doc.setdefault("id", f"{path.name}:{lineno}")
+            doc["id"] = str(doc["id"])
+            yield doc
+
+
+def write_documents(path: str | Path, docs: Iterable[Document]) -> int:
+    """Write documents as JSONL atomically; returns how many were written."""
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            n += 1
+    return n
