@@ -3,6 +3,7 @@ boilerplate lines) change text in place and are counted; document rules (charset
 length) remove whole documents, each removal attributed to the first rule that fired."""
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -27,7 +28,7 @@ class CleanConfig:
     boilerplate_min_chars: int = 10
     # Charset: U+FFFD replacement characters and UTF-8-read-as-Latin-1 mojibake ("Ã©", "â€").
     max_bad_char_fraction: float | None = 0.01
-    # Language heuristic: share of letters in the Latin script (U+0000-U+024F).
+    # Language heuristic: share of letters in the Latin script.
     min_latin_letter_fraction: float | None = 0.9
     min_chars: int | None = 20
     max_chars: int | None = 100_000
@@ -49,7 +50,8 @@ def latin_letter_fraction(text: str) -> float:
     letters = [c for c in text if c.isalpha()]
     if not letters:
         return 0.0
-    return sum(1 for c in letters if ord(c) < 0x250) / len(letters)
+    # Below U+0250 everything alphabetic is Latin; above, ask the name (fullwidth, ligatures).
+    return sum(1 for c in letters if ord(c) < 0x250 or "LATIN" in unicodedata.name(c, "")) / len(letters)
 
 
 def _lines_for_boilerplate(text: str, cfg: CleanConfig) -> set[str]:
