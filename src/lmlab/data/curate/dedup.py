@@ -1,8 +1,9 @@
 """Step 2: exact and near-duplicate removal, order-independent and streaming.
 
 Pass 1 reads the documents once in batches and keeps, per document, only a 64-bit
-tie-break key, a 64-bit exact-dedup key and `bands` 64-bit LSH band keys in memory; MinHash
-signatures (uint32 x num_perm) go to a temporary file, read back only for candidate pairs.
+tie-break key, a 64-bit exact-dedup key and `bands` 32-bit LSH band keys in memory
+(16 + 4 x bands bytes: 52 bytes at the default 9 bands); MinHash signatures
+(uint32 x num_perm) go to a temporary file, read back only for candidate pairs.
 Pass 2 re-reads the source and yields the kept documents.
 
 Which document survives: in every group of duplicates the one with the smallest tie-break
@@ -10,6 +11,7 @@ key, blake2b-64(id + NUL + text), is kept. That key depends only on the document
 so the kept set is the same for any input order."""
 from __future__ import annotations
 
+import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -93,13 +95,19 @@ def plan_dedup(source: Source, cfg: DedupConfig, workdir: str | Path | None = No
     """Decide, for each document of `source` (in order), whether it is kept."""
     bands, rows = cfg.lsh()
     hasher = MinHasher(cfg.num_perm, cfg.ngram, cfg.seed) if cfg.near else None
-    ties, exact, band_chunks, empty = [], [], [], []
+    ties, exact, band_chunks, empty = [], [], [], []   # numpy chunks, one per batch
     with tempfile.TemporaryDirectory(dir=workdir, prefix="lmlab-dedup-") as tmp:
         sig_path = Path(tmp) / "signatures.u32"
         with open(sig_path, "wb") as sig_file:
             batch: list[str] = []
+            tie_batch: list[int] = []
+            exact_batch: list[int] = []
 
             def flush() -> None:
+                ties.append(np.array(tie_batch, dtype=np.uint64))
+                exact.append(np.array(exact_batch, dtype=np.uint64))
+                tie_batch.clear()
+                exact_batch.clear()
                 if hasher is not None and batch:
                     sigs = hasher.signatures(batch)
                     sig_file.write(sigs.tobytes())
@@ -109,40 +117,36 @@ def plan_dedup(source: Source, cfg: DedupConfig, workdir: str | Path | None = No
 
             for doc in iterate(source):
                 text = doc["text"]
-                ties.append(hash64(f"{doc.get('id', '')}\0{text}"))
-                exact.append(hash64(dedup_key(text)))
+                tie_batch.append(hash64(f"{doc.get('id', '')}\0{text}"))
+                exact_batch.append(hash64(dedup_key(text)))
                 batch.append(text)
                 if len(batch) >= cfg.batch_size:
                     flush()
             flush()
-        n = len(ties)
+        tie, ex = np.concatenate(ties), np.concatenate(exact)
+        n = len(tie)
         reason = np.full(n, KEEP, dtype=np.uint8)
         if n == 0:
             return DedupPlan(reason, {}, {}, bands, rows, 0)
-        tie = np.array(ties, dtype=np.uint64)
-        del ties
         # rank = position by tie-break key: "smallest rank" is the order-independent survivor.
-        order = np.lexsort((np.array(exact, dtype=np.uint64), tie))
-        rank = np.empty(n, dtype=np.int64)
-        rank[order] = np.arange(n)
+        order = np.lexsort((ex, tie))
+        del tie
+        rank = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)
+        rank[order] = np.arange(n, dtype=rank.dtype)
         exact_sizes: dict[int, int] = {}
         if cfg.exact:
-            ex = np.array(exact, dtype=np.uint64)
             by = np.lexsort((rank, ex))            # groups of equal key, best rank first
             first = np.ones(n, dtype=bool)
             first[1:] = ex[by][1:] != ex[by][:-1]
             reason[by[~first]] = EXACT
             exact_sizes = _sizes(np.cumsum(first))
-        del exact
+        del ex
         if not cfg.near:
             return DedupPlan(reason, exact_sizes, {}, bands, rows, 0)
-        keys = np.concatenate(band_chunks)
-        band_chunks.clear()
         live = (reason == KEEP) & ~np.concatenate(empty)
-        sigs = np.memmap(sig_path, dtype=np.uint32, mode="r", shape=(n, cfg.num_perm))
-        pairs = _candidate_pairs(keys, rank, live)
-        del keys
-        verified = _verify(sigs, pairs, cfg.threshold)
+        pairs = _candidate_pairs(band_chunks, rank, live)
+        band_chunks.clear()
+        verified = _verify(sig_path, cfg.num_perm, pairs, cfg.threshold)
         near_sizes: dict[int, int] = {}
         if len(verified):
             nodes, inv = np.unique(rank[verified].ravel(), return_inverse=True)  # rank space
@@ -151,17 +155,17 @@ def plan_dedup(source: Source, cfg: DedupConfig, workdir: str | Path | None = No
             dropped = nodes[labels != np.arange(len(nodes))]
             reason[order[dropped]] = NEAR
             near_sizes = _sizes(labels)
-        del sigs
         return DedupPlan(reason, exact_sizes, near_sizes, bands, rows, len(pairs))
 
 
-def _candidate_pairs(keys: np.ndarray, rank: np.ndarray, live: np.ndarray) -> np.ndarray:
+def _candidate_pairs(key_chunks: list[np.ndarray], rank: np.ndarray, live: np.ndarray) -> np.ndarray:
     """(m, 2) document indices sharing a band bucket. Each bucket is joined as a star around
-    its best-ranked member (not all pairs), so a bucket of k documents costs k - 1 checks."""
-    idx = np.flatnonzero(live)
+    its best-ranked member (not all pairs), so a bucket of k documents costs k - 1 checks.
+    Bands are assembled from the per-batch chunks one at a time to keep a single copy."""
+    idx = np.flatnonzero(live).astype(rank.dtype)
     out = []
-    for i in range(keys.shape[1]):
-        k = keys[idx, i]
+    for i in range(key_chunks[0].shape[1] if key_chunks else 0):
+        k = np.concatenate([c[:, i] for c in key_chunks])[idx]
         by = np.lexsort((rank[idx], k))
         ks = k[by]
         new_group = np.ones(len(ks), dtype=bool)
@@ -176,13 +180,20 @@ def _candidate_pairs(keys: np.ndarray, rank: np.ndarray, live: np.ndarray) -> np
     return np.unique(np.concatenate(out), axis=0)
 
 
-def _verify(sigs: np.ndarray, pairs: np.ndarray, threshold: float, chunk: int = 65536) -> np.ndarray:
+def _verify(sig_path: Path, num_perm: int, pairs: np.ndarray, threshold: float, chunk: int = 65536) -> np.ndarray:
     """Keep candidate pairs whose estimated Jaccard (signature agreement) reaches the threshold:
-    LSH buckets also hold pairs below it."""
+    LSH buckets also hold pairs below it. Rows are read with pread rather than a memory map,
+    whose touched pages would count towards our resident memory."""
     keep = []
-    for s in range(0, len(pairs), chunk):
-        p = pairs[s:s + chunk]
-        keep.append(p[estimate_jaccard(sigs[p[:, 0]], sigs[p[:, 1]]) >= threshold])
+    row = 4 * num_perm
+    with open(sig_path, "rb") as f:
+        fd = f.fileno()
+        for s in range(0, len(pairs), chunk):
+            p = pairs[s:s + chunk]
+            rows, inv = np.unique(p, return_inverse=True)
+            buf = b"".join(os.pread(fd, row, int(r) * row) for r in rows.tolist())
+            sig = np.frombuffer(buf, dtype=np.uint32).reshape(len(rows), num_perm)[inv.reshape(-1, 2)]
+            keep.append(p[estimate_jaccard(sig[:, 0], sig[:, 1]) >= threshold])
     return np.concatenate(keep) if keep else pairs
 
 

@@ -91,7 +91,7 @@ class MinHasher:
         starts = np.concatenate(([0], np.cumsum(n_sh[has])[:-1]))
         x = h.astype(np.uint64)[:, None]
         # Chunks of hash functions bound the (shingles x functions) uint64 temporary.
-        step = max(1, (1 << 22) // max(len(h), 1))
+        step = max(1, (1 << 20) // max(len(h), 1))
         for j in range(0, self.num_perm, step):
             v = ((x * self.a[None, j:j + step] + self.b[None, j:j + step]) >> np.uint64(32)).astype(np.uint32)
             out[has, j:j + step] = np.minimum.reduceat(v, starts, axis=0)
@@ -121,11 +121,13 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weigh
 
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """(n, bands) uint64: one hash per band of `rows` signature values; equal keys = candidates."""
-    out = np.empty((len(sigs), bands), dtype=np.uint64)
+    """(n, bands) uint32: one hash per band of `rows` signature values; equal keys = candidates.
+    32 bits, not 64, halve the memory; the chance collisions they add (about n^2 / 2^33 pairs
+    per band) are weeded out by the signature check that follows."""
+    out = np.empty((len(sigs), bands), dtype=np.uint32)
     for i in range(bands):
         k = np.full(len(sigs), ((i + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64)
         for c in range(i * rows, (i + 1) * rows):
             k = mix64(k ^ sigs[:, c].astype(np.uint64))
-        out[:, i] = k
+        out[:, i] = k >> np.uint64(32)
     return out

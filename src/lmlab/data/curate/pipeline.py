@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lmlab.config import from_mapping
-from lmlab.data.curate.classifier import LearnedFilterConfig, QualityClassifier, filter_learned
+from lmlab.data.curate.classifier import QualityClassifier
 from lmlab.data.curate.clean import CleanConfig, clean_documents
+from lmlab.data.curate.learned import LearnedFilterConfig, filter_learned
 from lmlab.data.curate.dedup import DedupConfig, dedup_documents
 from lmlab.data.curate.documents import Source, read_documents, write_documents
 from lmlab.data.curate.quality import QualityConfig, filter_quality
