@@ -79,7 +79,7 @@ def test_learned_filter_separates_good_from_shuffled_and_round_trips(tmp_path):
     np.testing.assert_allclose(back.scores(test_bad), clf.scores(test_bad), rtol=0, atol=0)
     docs = [{"id": str(i), "text": t} for i, t in enumerate(test_good + test_bad)]
     step = StepReport("learned")
-    kept = list(filter_learned(docs, back, LearnedFilterConfig(model="x", threshold=None, keep_top_fraction=0.25), step))
+    kept = list(filter_learned(docs, back, LearnedFilterConfig(model="x", keep_top_fraction=0.25), step))
     assert len(kept) == 50 and step.removed["low_classifier_score"] == 150
     scores = back.scores([d["text"] for d in docs])
     assert min(k["quality"] for k in kept) >= np.sort(scores)[-50] - 1e-6
@@ -174,3 +174,19 @@ def test_cli_curate_dedup_filter_mix(tmp_path, capsys):
     n_d = sum(1 for _ in open(tmp_path / "d.jsonl"))
     assert sum(1 for _ in open(tmp_path / "m.jsonl")) == 2 * len(docs) + n_d
     assert main(["data", "filter", str(tmp_path / "missing.jsonl"), str(tmp_path / "x.jsonl")]) == 2
+
+
+def test_full_pipeline_with_learned_filter_removes_shuffled_documents(tmp_path):
+    r = random.Random(5)
+    clf = train_classifier(clean_texts(300, seed=6), [shuffled(t, r) for t in clean_texts(300, seed=7)],
+                           TrainConfig(epochs=5))
+    clf.save(tmp_path / "q.safetensors")
+    docs = inject_noise(clean_texts(150, seed=8), NoiseConfig(shuffled_fraction=0.2, seed=9))
+    cfg = curate_config({"clean": {"boilerplate_min_docs": 5}, "quality": None, "learned": {"model": str(tmp_path / "q.safetensors")}})
+    report = curate(docs, tmp_path / "o.jsonl", cfg).to_dict()
+    assert [s["step"] for s in report["steps"]] == ["clean", "dedup", "learned"]
+    assert report["input"] == report["kept"] + sum(report["removed"].values())
+    survivors = list(read_documents(tmp_path / "o.jsonl"))
+    n_shuffled = sum(d["noise"] == "shuffled" for d in docs)
+    assert sum(d["noise"] == "shuffled" for d in survivors) <= 0.1 * n_shuffled
+    assert sum(d["noise"] in ("clean", "boilerplate") for d in survivors) >= 0.8 * 150

@@ -70,8 +70,7 @@ def cmd_data_filter(args: argparse.Namespace) -> None:
 
     learned = None
     if args.classifier:
-        learned = LearnedFilterConfig(model=args.classifier, threshold=None if args.keep_top else args.threshold,
-                                      keep_top_fraction=args.keep_top)
+        learned = LearnedFilterConfig(model=args.classifier, threshold=args.threshold, keep_top_fraction=args.keep_top)
     _run_steps(args, quality=None if args.no_heuristics else _section(args, "quality"), learned=learned)
 
 
@@ -134,7 +133,7 @@ def add_data_curation_commands(data_sub) -> None:
     p.set_defaults(func=cmd_data_dedup)
     p = io_parser("filter", "Gopher/C4 heuristic rules and/or a learned quality classifier")
     p.add_argument("--classifier", help="a classifier saved by `lmlab data filter-train`")
-    p.add_argument("--threshold", type=float, default=0.5, help="keep P(good) >= this (default 0.5)")
+    p.add_argument("--threshold", type=float, help="keep P(good) >= this (default 0.5)")
     p.add_argument("--keep-top", type=float, help="keep this best-scoring fraction instead of a threshold")
     p.add_argument("--no-heuristics", action="store_true", help="only the classifier")
     p.set_defaults(func=cmd_data_filter)

@@ -32,7 +32,7 @@ class TrainConfig:
     ngrams: int = 2
     bits: int = 18
     epochs: int = 10
-    lr: float = 0.1
+    lr: float = 0.5
     weight_decay: float = 1e-6
     batch_size: int = 64
     seed: int = 0

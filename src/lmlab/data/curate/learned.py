@@ -15,13 +15,13 @@ from lmlab.errors import LmlabError
 @dataclass(frozen=True)
 class LearnedFilterConfig:
     model: str | None = None               # path to a saved classifier; null switches the filter off
-    threshold: float | None = 0.5          # keep P(good) >= threshold ...
+    threshold: float | None = None          # keep P(good) >= threshold (0.5 when neither is set) ...
     keep_top_fraction: float | None = None  # ... or the best-scoring fraction (then reads the input twice)
     batch_size: int = 1024
 
     def __post_init__(self) -> None:
-        if (self.threshold is None) == (self.keep_top_fraction is None):
-            raise LmlabError("learned filter: set exactly one of threshold and keep_top_fraction")
+        if self.threshold is not None and self.keep_top_fraction is not None:
+            raise LmlabError("learned filter: set threshold or keep_top_fraction, not both")
         if self.keep_top_fraction is not None and not 0.0 < self.keep_top_fraction <= 1.0:
             raise LmlabError(f"learned.keep_top_fraction must be in (0, 1], got {self.keep_top_fraction}")
 
@@ -46,7 +46,8 @@ def filter_learned(source: Source, clf, cfg: LearnedFilterConfig, step: StepRepo
         keep[np.argsort(-scores, kind="stable")[:k]] = True  # ties: earlier document first
         pairs = zip(iterate(source), keep.tolist(), scores.tolist())
     else:
-        pairs = ((d, s >= cfg.threshold, s) for d, s in _batched_scores(clf, iterate(source), cfg.batch_size))
+        threshold = 0.5 if cfg.threshold is None else cfg.threshold
+        pairs = ((d, s >= threshold, s) for d, s in _batched_scores(clf, iterate(source), cfg.batch_size))
     for doc, ok, score in pairs:
         if ok:
             step.keep()
