@@ -190,3 +190,11 @@ def test_full_pipeline_with_learned_filter_removes_shuffled_documents(tmp_path):
     n_shuffled = sum(d["noise"] == "shuffled" for d in docs)
     assert sum(d["noise"] == "shuffled" for d in survivors) <= 0.1 * n_shuffled
     assert sum(d["noise"] in ("clean", "boilerplate") for d in survivors) >= 0.8 * 150
+
+
+def test_removal_by_label_counts():
+    from lmlab.data.curate.noise import removal_by_label
+
+    docs = [{"id": "a", "noise": "clean"}, {"id": "b", "noise": "clean"}, {"id": "c", "noise": "shuffled"}]
+    assert removal_by_label(docs, {"a"}) == {"clean": {"input": 2, "kept": 1, "removed_fraction": 0.5},
+                                            "shuffled": {"input": 1, "kept": 0, "removed_fraction": 1.0}}

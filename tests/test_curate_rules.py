@@ -27,7 +27,19 @@ BAD = {
     "top_2gram": GOOD + " " + " ".join(["old town"] * 12),
     "duplicate_5grams": GOOD + " " + " ".join(GOOD.split()[:12]),
     "blocklist": GOOD + " Lorem ipsum dolor sit amet.",
+    "duplicate_line_chars": "\n".join([GOOD, GOOD] + [ln.split(" and ")[0] for ln in LINES] + ["Fish swim.", "Birds sing."]),
 }
+
+
+@pytest.mark.parametrize("rule,overrides,text", [
+    ("too_many_words", {"max_words": 30}, GOOD),
+    ("curly_brace", {"reject_curly_brace": True}, GOOD + " {x}"),
+])
+def test_optional_rules(rule, overrides, text):
+    import dataclasses
+
+    assert quality_rule(text, QualityConfig()) is None
+    assert quality_rule(text, dataclasses.replace(QualityConfig(), **overrides)) == rule
 
 
 def test_good_documents_pass_every_rule():

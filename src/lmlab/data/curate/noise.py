@@ -56,3 +56,16 @@ def inject_noise(texts: list[str], cfg: NoiseConfig = NoiseConfig()) -> list[Doc
     for k, i in enumerate(rng.integers(0, n, size=int(cfg.random_fraction * n)).tolist()):
         docs.append({"id": f"rand-{k}", "text": _random_doc(rng, len(texts[i])), "noise": "random_chars"})
     return [docs[j] for j in rng.permutation(len(docs))]
+
+
+def removal_by_label(before: list[Document], after_ids: set[str]) -> dict[str, dict[str, float]]:
+    """Per noise label: how many documents went in, how many survived, the removed fraction.
+    (Of a duplicate pair either copy may survive, so 'exact_duplicate' alone does not reach 1.)"""
+    table: dict[str, dict[str, float]] = {}
+    for doc in before:
+        row = table.setdefault(doc["noise"], {"input": 0, "kept": 0})
+        row["input"] += 1
+        row["kept"] += doc["id"] in after_ids
+    for row in table.values():
+        row["removed_fraction"] = round(1 - row["kept"] / row["input"], 4)
+    return dict(sorted(table.items()))
