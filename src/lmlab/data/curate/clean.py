@@ -70,9 +70,9 @@ def _edit(text: str, cfg: CleanConfig, step: StepReport) -> str:
     return text
 
 
-def find_boilerplate(source: Source, cfg: CleanConfig) -> np.ndarray:
-    """First pass: 64-bit hashes (sorted) of lines repeated across many documents. Memory is
-    8 bytes per distinct (document, line) pair, sorted once with numpy."""
+def find_boilerplate(source: Source, cfg: CleanConfig) -> set[int]:
+    """First pass: 64-bit hashes of lines repeated across many documents. Memory is 8 bytes
+    per distinct (document, line) pair, counted once with numpy."""
     chunks, buf, n_docs = [], [], 0
     for doc in iterate(source):
         n_docs += 1
@@ -84,18 +84,18 @@ def find_boilerplate(source: Source, cfg: CleanConfig) -> np.ndarray:
     chunks.append(np.array(buf, dtype=np.uint64))
     hashes, counts = np.unique(np.concatenate(chunks), return_counts=True)
     need = max(cfg.boilerplate_min_docs, int(np.ceil(cfg.boilerplate_min_fraction * n_docs)))
-    return hashes[counts >= need]
+    return set(hashes[counts >= need].tolist())
 
 
 def clean_documents(source: Source, cfg: CleanConfig, step: StepReport) -> Iterator[Document]:
     """Yield cleaned documents. With boilerplate removal on, `source` is read twice."""
-    boiler = find_boilerplate(source, cfg) if cfg.boilerplate_min_docs is not None else None
+    boiler = find_boilerplate(source, cfg) if cfg.boilerplate_min_docs is not None else set()
     for doc in iterate(source):
         text = _edit(doc["text"], cfg, step)
-        if boiler is not None and len(boiler):
+        if boiler:
             lines = text.split("\n")
             kept = [ln for ln in lines if len(ln.strip()) < cfg.boilerplate_min_chars
-                    or not _isin(hash64(ln.strip()), boiler)]
+                    or hash64(ln.strip()) not in boiler]
             if len(kept) != len(lines):
                 step.edits["boilerplate_docs"] += 1
                 step.edits["boilerplate_lines"] += len(lines) - len(kept)
@@ -106,11 +106,6 @@ def clean_documents(source: Source, cfg: CleanConfig, step: StepReport) -> Itera
             continue
         step.keep()
         yield {**doc, "text": text}
-
-
-def _isin(h: int, sorted_hashes: np.ndarray) -> bool:
-    i = int(np.searchsorted(sorted_hashes, np.uint64(h)))
-    return i < len(sorted_hashes) and int(sorted_hashes[i]) == h
 
 
 def document_rule(text: str, cfg: CleanConfig) -> str | None:
