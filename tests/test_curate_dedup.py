@@ -150,3 +150,15 @@ def test_one_shot_generator_is_refused():
 
     with pytest.raises(LmlabError, match="more than once"):
         list(dedup_documents((d for d in [{"id": "a", "text": "x"}]), DedupConfig(), StepReport("d")))
+
+
+def test_shingle_hashes_respect_word_order_and_count():
+    from lmlab.data.curate.minhash import shingle_hashes
+
+    a = " ".join(tokens("o", 30))
+    b = " ".join(reversed(a.split()))  # same words, no 3-gram in common
+    assert jaccard(shingles(a, 3), shingles(b, 3)) == 0.0
+    sig = MinHasher(num_perm=128, ngram=3).signatures([a, b])
+    assert estimate_jaccard(sig[0], sig[1]) < 0.05
+    h, counts = shingle_hashes([a, "one two", "", b], 3)
+    assert counts.tolist() == [28, 1, 0, 28] and len(set(h[:28].tolist())) == 28
