@@ -24,6 +24,48 @@ def cmd_inspect(args: argparse.Namespace) -> None:
               f"  [{info['reference']}]")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from lmlab.interop import hf
+
+    if args.direction == "from-hf":
+        import torch
+
+        dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+        out = hf.convert_from_hf(args.src, args.out, dtype=dtype)
+    else:
+        out = hf.convert_to_hf(args.src, args.out, max_shard_bytes=hf.parse_size(args.max_shard_size))
+    print(f"wrote {out}")
+
+
+def _texts(inputs: list[str], text_field: str):
+    from lmlab.data.corpus import embedded_corpus_texts
+    from lmlab.data.sources import read_texts
+
+    if not inputs:
+        return embedded_corpus_texts()
+    return (t for path in inputs for t in read_texts(path, text_field))
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from lmlab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(_texts(args.inputs, args.text_field), args.vocab_size)
+    tok.save(args.out)
+    print(f"trained a {tok.vocab_size}-token byte-level BPE -> {args.out}")
+
+
+def cmd_shards(args: argparse.Namespace) -> None:
+    from lmlab.data.shards import build_shards
+    from lmlab.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer)
+    manifest = build_shards(_texts(args.inputs, args.text_field), tok, args.out, seq_len=args.seq_len,
+                            val_fraction=args.val_fraction)
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens, {info['rows']} rows")
+    print(f"{manifest['tokens_per_second']:,} tokens/s -> {args.out}")
+
+
 # --- lmlab data clean|dedup|filter|filter-train|mix|curate (lmlab.data.curate) -----------------
 
 
@@ -161,6 +203,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset")
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("tokenize", help="train a byte-level BPE tokenizer (default: on the embedded corpus)")
+    p.add_argument("inputs", nargs="*", help="text/JSONL/Parquet files or directories")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
+    p.add_argument("--out", default="tokenizer.json")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("shards", help="tokenize and pack documents into memory-mapped training shards")
+    p.add_argument("inputs", nargs="*", help="text/JSONL/Parquet files or directories (default: embedded corpus)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json, sentencepiece .model, or a model dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--text-field", default="text")
+    p.set_defaults(func=cmd_shards)
+
+    p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and lmlab formats")
+    p.add_argument("direction", choices=["from-hf", "to-hf"],
+                   help="from-hf: HF model dir -> lmlab dir; to-hf: lmlab dir -> HF model dir")
+    p.add_argument("src", help="directory to read")
+    p.add_argument("out", help="new (or empty) directory to write")
+    p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
+                   help="from-hf: cast the weights (default: keep the stored dtype)")
+    p.add_argument("--max-shard-size", default="5GB", help="to-hf: shard the weights above this size (default 5GB)")
+    p.set_defaults(func=cmd_convert)
+
 
     data = sub.add_parser("data", help="data tools: curation (clean, dedup, filter, mix, curate)")
     add_data_curation_commands(data.add_subparsers(dest="data_command", required=True))
