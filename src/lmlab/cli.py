@@ -159,7 +159,8 @@ def cmd_data_curate(args: argparse.Namespace) -> None:
 def add_data_curation_commands(data_sub) -> None:
     def io_parser(name: str, help: str):
         p = data_sub.add_parser(name, help=help)
-        p.add_argument("input", help=".jsonl (objects with a 'text' field) or .txt (one document per line)")
+        p.add_argument("input", help=".jsonl (objects with a 'text' field, other fields kept), or text/Parquet/"
+                                     "Arrow files or a directory (as `lmlab shards` reads them)")
         p.add_argument("output", help="output .jsonl")
         p.add_argument("--config", help="curation YAML (sections clean/quality/dedup/learned; see docs/curation.md)")
         p.add_argument("--report", help="write the full JSON report here")

@@ -1,5 +1,5 @@
-"""Documents as plain dicts (`{"id": str, "text": str, ...metadata}`), a small JSONL/text
-reader and an atomic JSONL writer. Steps that need several passes take a *re-iterable*
+"""Documents as plain dicts (`{"id": str, "text": str, ...metadata}`), a reader that keeps
+JSONL metadata (other formats via `lmlab.data.sources`) and an atomic JSONL writer. Steps that need several passes take a *re-iterable*
 source (a list, or a zero-argument callable returning a fresh iterator) so that nothing has
 to be held in memory."""
 from __future__ import annotations
@@ -25,31 +25,36 @@ def iterate(source: Source) -> Iterator[Document]:
     return iter(source)
 
 
-def read_documents(path: str | Path, text_key: str = "text") -> Iterator[Document]:
-    """Stream documents from a `.jsonl` file (one object per line with a `text` field) or a
-    `.txt` file (one document per line). Documents without an id get `<file>:<line>`."""
+def read_documents(path: str | Path, text_field: str = "text") -> Iterator[Document]:
+    """Stream documents from `path`. A `.jsonl` file keeps every field of its objects (ids,
+    labels, metadata) and needs a string `text_field`; anything else `lmlab.data.sources`
+    reads (text files and directories, Parquet, Arrow, a saved HF dataset) gives bare texts.
+    Documents without an id get `<file>:<line or index>`."""
     path = Path(path)
-    if not path.is_file():
-        raise LmlabError(f"input file not found: {path} (check the path)")
-    jsonl = path.suffix in (".jsonl", ".json")
-    if not jsonl and path.suffix != ".txt":
-        raise LmlabError(f"{path}: unknown input format {path.suffix!r}; use .jsonl (one JSON object "
-                         f"per line with a {text_key!r} field) or .txt (one document per line)")
+    if not path.exists():
+        raise LmlabError(f"input not found: {path} (check the path)")
+    if path.is_file() and path.suffix == ".jsonl":
+        yield from _read_jsonl(path, text_field)
+        return
+    from lmlab.data.sources import read_texts
+
+    for i, text in enumerate(read_texts(path, text_field), 1):
+        yield {"id": f"{path.name}:{i}", "text": text}
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
-                continue
-            if not jsonl:
-                yield {"id": f"{path.name}:{lineno}", "text": line.rstrip("\n")}
                 continue
             try:
                 doc = json.loads(line)
             except json.JSONDecodeError as e:
                 raise LmlabError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix or delete that line") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get(text_key), str):
-                raise LmlabError(f"{path}:{lineno}: expected an object with a string {text_key!r} field")
-            if text_key != "text":
-                doc["text"] = doc.pop(text_key)
+            if not isinstance(doc, dict) or not isinstance(doc.get(text_field), str):
+                raise LmlabError(f"{path}:{lineno}: expected an object with a string {text_field!r} field")
+            if text_field != "text":
+                doc["text"] = doc.pop(text_field)
             doc.setdefault("id", f"{path.name}:{lineno}")
             doc["id"] = str(doc["id"])
             yield doc
