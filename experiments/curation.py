@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 from lmlab.config import load_yaml
@@ -34,11 +35,28 @@ def load_texts(path: str | None) -> list[str]:
     return list(embedded_corpus_texts())
 
 
+def chunk(texts: list[str], min_chars: int) -> list[str]:
+    """Cut long documents at blank lines into pieces of at least `min_chars` (the last piece
+    of a document may be shorter), so that a corpus of a few long files gives many documents."""
+    out = []
+    for text in texts:
+        piece: list[str] = []
+        for para in re.split(r"\n\s*\n", text):
+            piece.append(para)
+            if sum(map(len, piece)) >= min_chars:
+                out.append("\n\n".join(piece))
+                piece = []
+        if piece:
+            out.append("\n\n".join(piece))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--texts")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunk-chars", type=int, default=1500, help="cut documents into pieces this long (0: don't)")
     ap.add_argument("--heldout", type=float, default=0.1)
     ap.add_argument("--reference", type=float, default=0.1)
     ap.add_argument("--config", help="curation YAML (docs/curation.md); default: every step with defaults")
@@ -47,6 +65,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     texts = load_texts(args.texts)
+    if args.chunk_chars:
+        texts = chunk(texts, args.chunk_chars)
     random.Random(args.seed).shuffle(texts)
     n_held, n_ref = int(args.heldout * len(texts)), int(args.reference * len(texts))
     heldout, reference, pool = texts[:n_held], texts[n_held:n_held + n_ref], texts[n_held + n_ref:]
