@@ -190,3 +190,89 @@ def test_export_refuses_what_llama_cannot_express(tmp_path):
     model = build_model(get_preset("nano").replace(qk_norm=True))
     with pytest.raises(LmlabError, match="q/k normalisation"):
         save_hf(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("window", [5, None])
+def test_mistral_converts_both_ways(tmp_path, window):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    hf = tiny_hf_model(MistralForCausalLM, MistralConfig, **BASE, num_key_value_heads=2, sliding_window=window)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
+    assert (ours.config.family, ours.config.sliding_window) == ("mistral", window)
+    x = ids()
+    want = hf_logits(hf, x)
+    with torch.no_grad():
+        assert max_diff(ours(x), want) <= TOL
+    assert max_diff(incremental_logits(ours, x, prefill=3), want) <= TOL
+    save_hf(ours, tmp_path / "out")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    assert type(back) is MistralForCausalLM
+    assert max_diff(hf_logits(back, x), want) <= TOL
+
+
+def test_mistral_window_defaults_to_4096_when_absent():
+    from lmlab.interop.hf import hf_config_to_model_config
+
+    hf = {"model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+          "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}
+    assert hf_config_to_model_config(hf).sliding_window == 4096
+    assert hf_config_to_model_config({**hf, "sliding_window": None}).sliding_window is None
+
+
+# Published config.json files (architecture fields as on the Hugging Face hub).
+LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "mlp_bias": False,
+    "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 131072,
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "vocab_size": 128256,
+    "bos_token_id": 128000, "eos_token_id": 128001,
+}
+TINYLLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 2048,
+    "intermediate_size": 5632, "max_position_embeddings": 2048, "num_attention_heads": 32,
+    "num_hidden_layers": 22, "num_key_value_heads": 4, "rms_norm_eps": 1e-05, "rope_scaling": None,
+    "tie_word_embeddings": False, "vocab_size": 32000,
+}
+LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 4096,
+    "intermediate_size": 11008, "max_position_embeddings": 4096, "num_attention_heads": 32,
+    "num_hidden_layers": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-05, "rope_scaling": None,
+    "tie_word_embeddings": False, "vocab_size": 32000,
+}
+
+
+@pytest.mark.parametrize("hf,preset", [(LLAMA31_8B, "llama3.1-8b"), (TINYLLAMA, "tinyllama-1.1b"),
+                                       (LLAMA2_7B, "llama2-7b")])
+def test_published_configs_map_to_the_presets(hf, preset):
+    from lmlab.interop.hf import hf_config_to_model_config
+
+    cfg, want = hf_config_to_model_config(hf), get_preset(preset)
+    assert cfg.replace(name=want.name, reference=want.reference) == want
+
+
+@pytest.mark.parametrize("preset", ["llama3.1-8b", "tinyllama-1.1b", "llama2-7b"])
+def test_preset_configs_export_and_read_back(preset):
+    from lmlab.interop.hf import hf_config_to_model_config
+    from lmlab.interop.llama import config_to_hf
+
+    cfg = get_preset(preset)
+    hf = {"model_type": "llama", **config_to_hf(cfg)}
+    assert hf_config_to_model_config(hf).replace(name=cfg.name, reference=cfg.reference) == cfg
+    built = LlamaConfig(**{k: v for k, v in hf.items() if k != "model_type"})  # transformers accepts it
+    assert built.rope_parameters["rope_theta"] == cfg.rope_theta
+
+
+def test_left_padded_batch_matches_transformers(hf_dir):
+    path, hf = hf_dir
+    ours = load_hf_model(path)
+    x = ids(t=12)
+    valid = torch.ones_like(x, dtype=torch.bool)
+    valid[1, :4] = False  # row 1 is left-padded by 4
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = hf(input_ids=x, attention_mask=valid.long(), position_ids=positions, use_cache=False).logits
+        got = ours(x, positions=positions, attn_mask=valid)
+    assert max_diff(got[valid], want[valid]) <= TOL

@@ -24,6 +24,40 @@ def cmd_inspect(args: argparse.Namespace) -> None:
               f"  [{info['reference']}]")
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from lmlab.pipeline import load_recipe, run_pipeline
+
+    recipe, raw = load_recipe(args.config, args.set)
+    run_dir = args.run_dir or f"runs/{recipe.name}"
+    run_pipeline(recipe, run_dir, resume=args.resume, raw=raw,
+                 stages=("tokenizer", "shards", "pretrain"))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from lmlab.pipeline import load_recipe, run_pipeline, unique_run_dir
+
+    recipe, raw = load_recipe(args.config, args.set)
+    run_dir = args.run_dir or (f"runs/{recipe.name}" if args.resume else unique_run_dir("runs", recipe.name))
+    print(f"run directory: {run_dir}")
+    run_pipeline(recipe, run_dir, resume=args.resume, raw=raw)
+
+
+def _recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--config", required=required, help="recipe YAML (model:, data:, train: sections)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--run-dir", help="where metrics, checkpoints and the model go (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lmlab.train.finetune import finetune_recipe
+
+    compare = tuple(m.strip() for m in args.compare.split(",")) if args.compare else ()
+    result = finetune_recipe(args.config, args.method, args.set, args.resume, compare)
+    if not compare:
+        print(f"done: {result.train.run_dir} (model/, adapter/ for LoRA/DoRA, finetune_report.json)")
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from lmlab.interop import hf
 
@@ -64,6 +98,70 @@ def cmd_shards(args: argparse.Namespace) -> None:
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens, {info['rows']} rows")
     print(f"{manifest['tokens_per_second']:,} tokens/s -> {args.out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from lmlab import load_model
+    from lmlab.decode.generate import generate, stream
+    from lmlab.tokenizer import Tokenizer
+
+    is_url = lambda spec: spec.startswith(("http://", "https://"))  # noqa: E731
+    if is_url(args.model) and not args.tokenizer:
+        raise LmlabError("a remote base model needs --tokenizer (the vocabulary all members share)")
+    tok = Tokenizer.load(args.tokenizer or args.model)
+    prompts = [tok.encode(p, add_bos=tok.bos_id is not None) for p in args.prompt]
+
+    def member(spec: str):
+        """A local model directory, or a black-box OpenAI-compatible endpoint (URL)."""
+        if is_url(spec):
+            from lmlab.decode.remote import RemoteMember
+
+            return RemoteMember(spec, args.remote_model, tok, prompts, top_k=args.remote_top_k)
+        return load_model(spec).eval()
+
+    model = member(args.model)
+    if is_url(args.model) and not (args.proxy_expert or args.proxy_anti):
+        raise LmlabError("a URL model works only as a proxy-tuning member; plain and speculative decoding need weights")
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                   eos_id=tok.eos_id, seed=args.seed)
+    if args.draft:
+        from lmlab.decode.speculative import speculative_generate
+
+        for text, ids in zip(args.prompt, prompts):
+            out = speculative_generate(model, load_model(args.draft).eval(), ids, args.max_new_tokens,
+                                       k=args.speculate_k, **options)
+            body = out.tokens[:-1] if out.finish_reason == "eos" else out.tokens
+            print(f"{text}{tok.decode(body)}\n[{out.finish_reason}; {out.accepted}/{out.proposed} draft tokens "
+                  f"accepted ({out.acceptance_rate:.0%}), {out.target_forwards} target forwards]")
+        return
+    options.update(repetition_penalty=args.repetition_penalty, stop=args.stop or None, decode=tok.decode)
+    if args.proxy_expert or args.proxy_anti:
+        from lmlab.decode.proxy import proxy_generate
+
+        if not (args.proxy_expert and args.proxy_anti):
+            raise LmlabError("proxy-tuning needs both --proxy-expert and --proxy-anti (the expert's untuned base)")
+        expert, anti = member(args.proxy_expert), member(args.proxy_anti)
+        outs = proxy_generate(model, expert, anti, prompts, args.max_new_tokens, alpha=args.alpha,
+                              truncate_vocab=args.truncate_vocab, **options)
+    elif len(prompts) == 1:  # stream the text as it is generated
+        results, shown = [], ""
+        print(args.prompt[0], end="", flush=True)
+        for _ in stream(model, prompts, args.max_new_tokens, results=results, **options):
+            text = tok.decode([t for t in results[0].tokens if t != tok.eos_id])
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        print()
+        return
+    else:
+        outs = generate(model, prompts, args.max_new_tokens, **options)
+    for prompt, g in zip(args.prompt, outs):
+        print(f"{prompt}{g.text}\n[{g.finish_reason}, {len(g.tokens)} tokens]")
+
+
+def cmd_adapter_merge(args: argparse.Namespace) -> None:
+    from lmlab.adapters.export import merge_adapter_into
+
+    print(f"wrote {merge_adapter_into(args.base, args.adapter, args.out)}")
 
 
 # --- lmlab data clean|dedup|filter|filter-train|mix|curate (lmlab.data.curate) -----------------
@@ -205,6 +303,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("pretrain", help="train a tokenizer, shard the data and pretrain a model from a recipe")
+    _recipe_args(p, required=True)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("run", help="the whole default pipeline on the embedded corpus (a few minutes on CPU)")
+    _recipe_args(p, required=False)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("finetune", help="supervised fine-tuning on chat JSONL: full, LoRA or DoRA")
+    p.add_argument("--config", required=True, help="recipe YAML (base, out, method, data, adapter, train)")
+    p.add_argument("--method", choices=("full", "lora", "dora"), help="overrides the recipe's method")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set adapter.r=16 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in `out` from its last checkpoint")
+    p.add_argument("--compare", metavar="METHODS", help="e.g. full,lora,dora: one run per method into "
+                   "out/<method>, then a table in out/comparison.md")
+    p.set_defaults(func=cmd_finetune)
+
+    adapter = sub.add_parser("adapter", help="LoRA/DoRA adapters saved by `lmlab finetune`").add_subparsers(
+        dest="adapter_command", required=True)
+    p = adapter.add_parser("merge", help="fold an adapter into its base and write a plain model directory")
+    p.add_argument("base", help="the base model directory the adapter was trained on")
+    p.add_argument("adapter", help="the adapter directory (adapter.safetensors + adapter_config.json)")
+    p.add_argument("out", help="output model directory")
+    p.set_defaults(func=cmd_adapter_merge)
+
     p = sub.add_parser("tokenize", help="train a byte-level BPE tokenizer (default: on the embedded corpus)")
     p.add_argument("inputs", nargs="*", help="text/JSONL/Parquet files or directories")
     p.add_argument("--vocab-size", type=int, default=8192)
@@ -220,6 +343,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--text-field", default="text")
     p.set_defaults(func=cmd_shards)
+
+    p = sub.add_parser("generate", help="sample text from a model directory (KV-cached, batched)")
+    p.add_argument("model", help="an lmlab or Hugging Face model directory (a URL for a remote proxy base)")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--tokenizer", help="default: the tokenizer in the model directory")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--proxy-expert", help="proxy-tuning: a small tuned model (MODEL is the base); dir or URL")
+    p.add_argument("--proxy-anti", help="proxy-tuning: the expert's untuned counterpart; dir or URL")
+    p.add_argument("--alpha", type=float, default=1.0, help="proxy-tuning strength")
+    p.add_argument("--truncate-vocab", action="store_true",
+                   help="proxy-tuning: cut members to the smallest vocabulary (only if larger ones append tokens)")
+    p.add_argument("--remote-model", default="default", help="model name sent to remote (URL) members")
+    p.add_argument("--remote-top-k", type=int, default=20, help="log-probs asked of remote members")
+    p.add_argument("--draft", help="speculative decoding: a small draft model with the same tokenizer")
+    p.add_argument("--speculate-k", type=int, default=4, help="draft tokens proposed per target forward")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and lmlab formats")
     p.add_argument("direction", choices=["from-hf", "to-hf"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, fields, replace
@@ -20,17 +21,31 @@ from lmlab.errors import LmlabError
 @dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling. `llama3`: Llama 3.1's smooth low/high-frequency rescale.
-    `linear`: positions divided by `factor` (position interpolation)."""
+    `linear`: positions divided by `factor` (position interpolation).
+    `longrope`: Phi-3's long-context variant: each frequency divided by its entry of
+    `short_factor`, or of `long_factor` once a position reaches `original_max_seq_len`, and
+    cos/sin scaled by `attention_factor` (from `factor`, the context extension ratio)."""
 
     kind: str = "llama3"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("llama3", "linear"):
-            raise LmlabError(f"rope_scaling.kind must be 'llama3' or 'linear', got {self.kind!r}")
+        if self.kind not in ("llama3", "linear", "longrope"):
+            raise LmlabError(f"rope_scaling.kind must be 'llama3', 'linear' or 'longrope', got {self.kind!r}")
+        if self.kind == "longrope" and (self.short_factor is None or self.long_factor is None):
+            raise LmlabError("rope_scaling.kind 'longrope' needs short_factor and long_factor (one per frequency)")
+
+    @property
+    def attention_factor(self) -> float:
+        """The cos/sin multiplier of longrope (LongRoPE paper's default); 1 otherwise."""
+        if self.kind != "longrope" or self.factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_seq_len))
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,14 @@ class ModelConfig:
                     f"layer {i}: n_heads={h} is not a multiple of n_kv_heads={kv} "
                     "(grouped-query attention shares each KV head among a whole group)"
                 )
+        rs = self.rope_scaling
+        if rs is not None and rs.kind == "longrope":
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(rs, name)) != self.dim_per_head // 2:
+                    raise LmlabError(
+                        f"model.rope_scaling.{name} has {len(getattr(rs, name))} entries but head_dim "
+                        f"{self.dim_per_head} has {self.dim_per_head // 2} rotary frequencies"
+                    )
         if self.n_experts and not 0 < self.top_k <= self.n_experts:
             raise LmlabError(
                 f"model.top_k must be in 1..n_experts={self.n_experts}, got {self.top_k}"

@@ -93,8 +93,13 @@ def _supported() -> str:
 def family_for_hf_config(hf: Mapping[str, Any], where: str = "config.json") -> Family:
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
-    for fam in families().values():
-        if model_type in fam.model_types or any(a in fam.architectures for a in archs):
+    fams = families().values()
+    # model_type names the layout; architectures only decide when it is missing or unknown.
+    for fam in fams:
+        if model_type in fam.model_types:
+            return fam
+    for fam in fams:
+        if any(a in fam.architectures for a in archs):
             return fam
     raise LmlabError(
         f"{where}: unsupported architecture (model_type={model_type!r}, architectures={archs}); "
@@ -153,9 +158,28 @@ def rope_from_hf(hf: Mapping[str, Any], default_theta: float = 10000.0) -> tuple
             high_freq_factor=float(scaling["high_freq_factor"]),
             original_max_seq_len=int(scaling["original_max_position_embeddings"]),
         )
+    if kind in ("longrope", "su"):  # "su" is Phi-3's first name for it
+        return theta, _longrope_from_hf(hf, scaling)
     raise LmlabError(
-        f"config.json uses rope_type={kind!r}; lmlab supports 'default', 'linear' and 'llama3'"
+        f"config.json uses rope_type={kind!r}; lmlab supports 'default', 'linear', 'llama3' and 'longrope'"
     )
+
+
+def _longrope_from_hf(hf: Mapping[str, Any], scaling: Mapping[str, Any]) -> RopeScaling:
+    # Phi-3 keeps the pretraining length at the top level, and transformers prefers it there.
+    original = int(hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+                   or hf["max_position_embeddings"])
+    factor = float(scaling.get("factor") or hf["max_position_embeddings"] / original)
+    rope = RopeScaling(kind="longrope", factor=factor, original_max_seq_len=original,
+                       short_factor=tuple(map(float, scaling["short_factor"])),
+                       long_factor=tuple(map(float, scaling["long_factor"])))
+    given = scaling.get("attention_factor")
+    if given is not None and abs(float(given) - rope.attention_factor) > 1e-12:
+        raise LmlabError(
+            f"config.json sets longrope attention_factor={given}, but lmlab derives it from factor "
+            f"({rope.attention_factor}); this model cannot be converted exactly"
+        )
+    return rope
 
 
 def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -163,16 +187,24 @@ def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     a scaling they do not find under `rope_scaling`, so that is written too."""
     s = cfg.rope_scaling
     if s is None:
-        scaling = None
-    elif s.kind == "linear":
-        scaling = {"rope_type": "linear", "factor": s.factor}
-    else:
-        scaling = {
-            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_seq_len,
-        }
-    params = {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta}
-    return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling, "rope_parameters": params}
+        return {"rope_theta": cfg.rope_theta, "rope_scaling": None,
+                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+    if s.kind == "linear":
+        fields = {"factor": s.factor}
+    elif s.kind == "llama3":
+        fields = {"factor": s.factor, "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                  "original_max_position_embeddings": s.original_max_seq_len}
+    else:  # longrope
+        fields = {"short_factor": list(s.short_factor), "long_factor": list(s.long_factor)}
+        # Older transformers accept exactly {type, short_factor, long_factor} for Phi-3 and
+        # derive `factor` from max_position_embeddings / original_max_position_embeddings.
+        if s.factor != cfg.max_seq_len / s.original_max_seq_len:
+            fields["factor"] = s.factor
+    legacy = {"type": s.kind, **fields}
+    params = {"rope_type": s.kind, **fields, "rope_theta": cfg.rope_theta}
+    if s.kind == "longrope":
+        params["original_max_position_embeddings"] = s.original_max_seq_len
+    return {"rope_theta": cfg.rope_theta, "rope_scaling": legacy, "rope_parameters": params}
 
 
 def base_config_from_hf(hf: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -202,7 +234,8 @@ def base_config_from_hf(hf: Mapping[str, Any], defaults: Mapping[str, Any]) -> d
         "rope_theta": theta,
         "rope_scaling": scaling,
         "tie_embeddings": bool(get("tie_word_embeddings") or False),
-        "sliding_window": hf.get("sliding_window"),
+        # Present-but-null means "no window"; absent means the family's default.
+        "sliding_window": hf["sliding_window"] if "sliding_window" in hf else defaults.get("sliding_window"),
     }
 
 
@@ -435,23 +468,27 @@ def write_safetensors_shards(tensors: Iterable[tuple[str, torch.Tensor]], out_di
         shards.append((tmp, list(current)))
         current.clear()
 
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            flush()
-            size = 0
-        current[name] = tensor.detach().contiguous().cpu()
-        size += nbytes
-        total += nbytes
-    flush()
-    if len(shards) == 1:
-        names = [SINGLE_FILE]
-    else:
-        n = len(shards)
-        names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-    for (tmp, _), name in zip(shards, names):
-        with atomic_path(out_dir / name) as dest:
-            tmp.replace(dest)
+    try:
+        for name, tensor in tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                flush()
+                size = 0
+            current[name] = tensor.detach().contiguous().cpu()
+            size += nbytes
+            total += nbytes
+        flush()
+        if len(shards) == 1:
+            names = [SINGLE_FILE]
+        else:
+            n = len(shards)
+            names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        for (tmp, _), name in zip(shards, names):
+            with atomic_path(out_dir / name) as dest:
+                tmp.replace(dest)
+    finally:
+        for tmp, _ in shards:
+            tmp.unlink(missing_ok=True)
     if len(shards) > 1:
         weight_map = {key: name for (_, keys), name in zip(shards, names) for key in keys}
         write_json_atomic(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -471,7 +508,8 @@ def save_hf(model, out_dir: str | Path, token_ids: Mapping[str, Any] | None = No
         "architectures": [family.architectures[0]],
         "model_type": family.model_types[0],
         **family.config_to_hf(cfg),
-        **{k: v for k, v in (token_ids or {}).items() if k in TOKEN_ID_KEYS},
+        # Unknown ids are written as null: the family's defaults name another tokenizer's ids.
+        **{k: (token_ids or {}).get(k) for k in TOKEN_ID_KEYS},
         "dtype": _dtype_name(model.embed.weight.dtype),
     }
     out_dir = Path(out_dir)

@@ -1,4 +1,5 @@
-"""Llama family (Llama 2/3/3.1, TinyLlama, ...): `LlamaForCausalLM` checkpoints.
+"""Llama family (Llama 2/3/3.1, TinyLlama, ...): `LlamaForCausalLM` checkpoints, and
+Mistral (`MistralForCausalLM`), which is Llama without biases plus a sliding window.
 
 HF's Llama q/k weights are already permuted into the rotate-half layout our RoPE uses
 (Meta's original checkpoints are interleaved; transformers' own conversion permutes them),
@@ -68,6 +69,35 @@ FAMILY = register_family(Family(
     architectures=("LlamaForCausalLM",),
     config_from_hf=config_from_hf,
     config_to_hf=config_to_hf,
+    weights_from_hf=weights_from_hf,
+    weights_to_hf=weights_to_hf,
+))
+
+
+# transformers' MistralConfig defaults: note the 4096-token window when the key is absent.
+MISTRAL_DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 4096 * 32, "rope_theta": 10000.0,
+                    "hidden_act": "silu", "sliding_window": 4096}
+
+
+def mistral_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+    fields = base_config_from_hf(hf, MISTRAL_DEFAULTS)
+    fields.update(family="mistral")
+    return config_from_fields(fields)
+
+
+def mistral_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    check_exportable(cfg, "Mistral", ("qk_norm", "n_heads_per_layer", "n_kv_heads_per_layer",
+                                      "ffn_hidden_per_layer", "n_experts", "attn_bias", "attn_out_bias",
+                                      "mlp_bias"))
+    return {**base_config_to_hf(cfg), "sliding_window": cfg.sliding_window}
+
+
+MISTRAL = register_family(Family(
+    name="mistral",
+    model_types=("mistral",),
+    architectures=("MistralForCausalLM",),
+    config_from_hf=mistral_config_from_hf,
+    config_to_hf=mistral_config_to_hf,
     weights_from_hf=weights_from_hf,
     weights_to_hf=weights_to_hf,
 ))

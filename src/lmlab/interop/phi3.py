@@ -47,7 +47,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                                     "ffn_hidden_per_layer", "n_experts", "attn_bias", "attn_out_bias",
                                     "mlp_bias"))
     out = base_config_to_hf(cfg)
-    out.update(sliding_window=cfg.sliding_window, original_max_position_embeddings=cfg.max_seq_len)
+    rope = cfg.rope_scaling
+    original = rope.original_max_seq_len if rope is not None and rope.kind == "longrope" else cfg.max_seq_len
+    out.update(sliding_window=cfg.sliding_window, original_max_position_embeddings=original)
     return out
 
 

@@ -1,5 +1,5 @@
 """Rotary position embeddings in the "rotate half" layout used by Hugging Face checkpoints,
-with Llama 3.1's frequency scaling and linear position interpolation."""
+with Llama 3.1's frequency scaling, linear position interpolation and Phi-3's longrope."""
 from __future__ import annotations
 
 import math
@@ -9,9 +9,15 @@ import torch
 from lmlab.config import RopeScaling
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
-    """1 / theta^(2i/d) for i < d/2, rescaled as `scaling` says. Float32, shape (head_dim/2,)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                        long: bool = False) -> torch.Tensor:
+    """1 / theta^(2i/d) for i < d/2, rescaled as `scaling` says. Float32, shape (head_dim/2,).
+    `long` picks longrope's long-context factors (ignored by the other kinds)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    if scaling is not None and scaling.kind == "longrope":
+        ext = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32)
+        return 1.0 / (ext * theta**exponents)
+    inv_freq = 1.0 / (theta**exponents)
     if scaling is None:
         return inv_freq
     if scaling.kind == "linear":
@@ -30,11 +36,14 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
     return torch.where(is_medium, blended, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos/sin tables for integer `positions` of shape (T,) or (B, T): (..., T, head_dim)."""
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    """cos/sin tables for integer `positions` of shape (T,) or (B, T): (..., T, head_dim),
+    multiplied by `scale` (longrope's attention factor)."""
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    if scale == 1.0:
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

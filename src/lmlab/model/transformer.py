@@ -45,6 +45,10 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.empty(cfg.dim_per_head // 2), persistent=False)
+        # Longrope has a second set of frequencies for positions past the pretraining length.
+        is_longrope = cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope"
+        self.register_buffer("inv_freq_long", torch.empty(cfg.dim_per_head // 2) if is_longrope else None,
+                             persistent=False)
         self.reset_parameters()
 
     # ---- initialisation -------------------------------------------------------------
@@ -53,6 +57,9 @@ class Transformer(nn.Module):
         cfg = self.config
         inv = inverse_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
         self.inv_freq = inv.to(self.inv_freq.device) if self.inv_freq.device.type != "meta" else inv
+        if self.inv_freq_long is not None:
+            self.inv_freq_long = inverse_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling,
+                                                     long=True).to(self.inv_freq.device)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -118,13 +125,26 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(offset, offset + t, device=idx.device)
         x = self.embed(idx)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        cos, sin = rope_cos_sin(positions, self._rope_frequencies(positions), x.dtype,
+                                self._rope_attention_factor)
         mask, is_causal = self._mask(t, cache, attn_mask, idx.device)
         for block in self.layers:
             x = block(x, cos, sin, mask, is_causal, cache)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)
+
+    @property
+    def _rope_attention_factor(self) -> float:
+        scaling = self.config.rope_scaling
+        return 1.0 if scaling is None else scaling.attention_factor
+
+    def _rope_frequencies(self, positions: torch.Tensor) -> torch.Tensor:
+        """Longrope switches every position of a call to the long factors once any of them
+        reaches the pretraining length, as the reference implementation does per forward."""
+        if self.inv_freq_long is not None and int(positions.max()) >= self.config.rope_scaling.original_max_seq_len:
+            return self.inv_freq_long
+        return self.inv_freq
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight

@@ -1,0 +1,95 @@
+"""LoRA (Hu et al., 2021): a frozen nn.Linear plus a trainable low-rank update s·B·A.
+
+`LoRALinear` *is* an nn.Linear that shares the base module's weight and bias Parameters,
+so the base keys of a state dict (`...q_proj.weight`) are unchanged by adapting a model;
+the adapter adds `lora_A` (r, in) and `lora_B` (out, r) next to them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters of a 16-bit base are kept in float32 (as peft does): their small updates
+    would round away in bf16/fp16, and they are few enough that the memory is negligible."""
+    return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
+
+
+def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
+    """alpha/r (the paper), or alpha/sqrt(r) (rsLoRA: keeps the update's scale stable in r)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+class LoRALinear(nn.Linear):
+    """y = x W^T + b + s · dropout(x) A^T B^T, with W, b frozen."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False) -> None:
+        nn.Module.__init__(self)  # skip nn.Linear's own allocation: we adopt base's tensors
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = lora_scaling(alpha, r, rslora)
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """A ~ kaiming-uniform(a=sqrt(5)) (nn.Linear's default, as in the paper's code and
+        peft), B = 0: the adapted model starts out exactly equal to the base."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B A, shape (out, in)."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def lora_out(self, x: torch.Tensor) -> torch.Tensor:
+        """B A x in the adapter's dtype (x is cast to it first)."""
+        return F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        return y + (self.scaling * self.lora_out(self.dropout(x))).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight += self.delta_weight().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.merged = False
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding the merged weight (for export)."""
+        self.merge()
+        # On meta: the new module only borrows this one's Parameters, nothing is allocated.
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        out.weight = self.weight
+        out.bias = self.bias
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}")

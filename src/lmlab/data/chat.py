@@ -1,0 +1,335 @@
+"""Chat data for supervised fine-tuning: read conversations, render them with a chat
+template into token ids with loss only on the assistant's answers, and pack several
+conversations into one sequence with document ids so none attends to another.
+
+Two record shapes per JSONL line:
+  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+  {"prompt": "...", "response": "..."}            (optionally "system": "...")
+
+Two templates:
+  `RoleTokenTemplate` (ours): <|role|> content <|end|> per message, using the tokenizer's
+      special role tokens; the model learns to close every answer with <|end|>.
+  `JinjaTemplate`: a real tokenizer's stored `chat_template` (tokenizer_config.json).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence
+
+import torch
+
+from lmlab.errors import LmlabError
+
+ROLES = ("system", "user", "assistant")
+IGNORE = -100  # target value cross_entropy skips
+PAD_DOC = -1  # document id of padding positions in a packed row
+
+
+class TokenizerLike(Protocol):
+    """What chat encoding needs from `lmlab.tokenizer.Tokenizer`."""
+
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]: ...
+
+    def token_to_id(self, token: str) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: tuple[dict[str, str], ...]
+    source: str = "<memory>"  # "file:line" for error messages
+
+
+# ---------------------------------------------------------------------------------------
+# Reading and validating
+# ---------------------------------------------------------------------------------------
+
+
+def conversation_from_record(record: Any, source: str) -> Conversation:
+    """Validate one JSON record (either shape) into a Conversation; errors name `source`."""
+    if not isinstance(record, dict):
+        raise LmlabError(f"{source}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise LmlabError(f"{source}: 'messages' must be a non-empty list of {{role, content}} objects")
+    elif "prompt" in record and "response" in record:
+        messages = ([{"role": "system", "content": record["system"]}] if record.get("system") else [])
+        messages += [{"role": "user", "content": record["prompt"]},
+                     {"role": "assistant", "content": record["response"]}]
+    else:
+        raise LmlabError(
+            f"{source}: a chat record needs 'messages' or both 'prompt' and 'response' "
+            f"(found keys {sorted(record)})"
+        )
+    clean = []
+    for i, msg in enumerate(messages):
+        where = f"{source}: message {i}"
+        if not isinstance(msg, dict):
+            raise LmlabError(f"{where} must be an object with 'role' and 'content'")
+        if "role" not in msg:
+            raise LmlabError(f"{where} has no 'role'; add one of {', '.join(ROLES)}")
+        role = msg["role"]
+        if role not in ROLES:
+            raise LmlabError(f"{where} has unknown role {role!r}; use one of {', '.join(ROLES)}")
+        content = msg.get("content")
+        if not isinstance(content, str):
+            raise LmlabError(f"{where} ({role}) needs a string 'content'")
+        if role == "assistant" and not content.strip():
+            raise LmlabError(f"{where}: empty assistant answer; remove the record or write the answer")
+        if role == "system" and i != 0:
+            raise LmlabError(f"{where}: a system message may only come first")
+        clean.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in clean):
+        raise LmlabError(f"{source}: no assistant message, so nothing to learn from; add the answer")
+    return Conversation(tuple(clean), source)
+
+
+def read_chat_jsonl(path: str | Path) -> list[Conversation]:
+    path = Path(path)
+    if not path.is_file():
+        raise LmlabError(f"chat data file not found: {path}")
+    conversations = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            source = f"{path}:{n}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LmlabError(f"{source}: malformed JSON ({e.msg}); fix or delete the line") from None
+            conversations.append(conversation_from_record(record, source))
+    if not conversations:
+        raise LmlabError(f"{path} holds no conversations")
+    return conversations
+
+
+# ---------------------------------------------------------------------------------------
+# Templates: a conversation -> [(text or ids, trained?)] segments
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """Token ids of one conversation; `labels[i]` is ids[i] where the model must learn to
+    produce that token (assistant answers and their end marker), IGNORE elsewhere."""
+
+    ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    source: str
+
+
+class RoleTokenTemplate:
+    """<|bos|> then, per message, <|role|> content <|end|>; an answer's content and its
+    <|end|> are trained. A prompt for generation ends with <|assistant|>."""
+
+    def __init__(self, tokenizer: TokenizerLike) -> None:
+        self.tokenizer = tokenizer
+        self.role_ids = {r: self._special(f"<|{r}|>") for r in ROLES}
+        self.end_id = self._special("<|end|>")
+
+    def _special(self, token: str) -> int:
+        tid = self.tokenizer.token_to_id(token)
+        if tid is None:
+            raise LmlabError(
+                f"the tokenizer has no {token} token; train it with lmlab's special tokens "
+                "or use a tokenizer with a stored chat_template"
+            )
+        return tid
+
+    def _bos(self) -> list[int]:
+        bos = self.tokenizer.bos_id
+        return [bos] if bos is not None else []
+
+    def encode(self, conv: Conversation) -> Example:
+        ids, labels = self._bos(), [IGNORE] * len(self._bos())
+        for msg in conv.messages:
+            content = self.tokenizer.encode(msg["content"])
+            ids.append(self.role_ids[msg["role"]])
+            labels.append(IGNORE)
+            ids += content + [self.end_id]
+            trained = msg["role"] == "assistant"
+            labels += (content + [self.end_id]) if trained else [IGNORE] * (len(content) + 1)
+        return Example(tuple(ids), tuple(labels), conv.source)
+
+    def encode_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Ids of a conversation so far followed by <|assistant|>: what generation continues."""
+        ids = self._bos()
+        for msg in messages:
+            ids += [self.role_ids[msg["role"]], *self.tokenizer.encode(msg["content"]), self.end_id]
+        return ids + [self.role_ids["assistant"]]
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return [self.end_id]
+
+
+class JinjaTemplate:
+    """A Hugging Face chat template. Answers are found by rendering prefixes: the text an
+    assistant turn adds after `add_generation_prompt=True` is that turn's trained text."""
+
+    def __init__(self, template: str, tokenizer: TokenizerLike, bos_token: str = "",
+                 eos_token: str = "") -> None:
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:  # pragma: no cover - jinja2 is a core dependency
+            raise LmlabError("rendering a stored chat_template needs jinja2: pip install jinja2") from None
+
+        def raise_exception(message: str):
+            raise LmlabError(f"chat template refused the conversation: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        self.template = env.from_string(template)
+        self.tokenizer = tokenizer
+        self.bos_token, self.eos_token = bos_token, eos_token
+
+    @classmethod
+    def from_tokenizer_config(cls, path: str | Path, tokenizer: TokenizerLike) -> "JinjaTemplate":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer_config.json"
+        if not path.is_file():
+            raise LmlabError(f"{path} not found: a stored chat template lives in tokenizer_config.json")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise LmlabError(f"{path} is not valid JSON ({e})") from None
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if not template:
+            raise LmlabError(f"{path} has no chat_template; use lmlab's template (template: lmlab)")
+
+        def token_text(value: Any) -> str:
+            return value.get("content", "") if isinstance(value, dict) else (value or "")
+
+        return cls(template, tokenizer, token_text(config.get("bos_token")), token_text(config.get("eos_token")))
+
+    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.bos_token, eos_token=self.eos_token)
+
+    def encode(self, conv: Conversation) -> Example:
+        ids: list[int] = []
+        labels: list[int] = []
+        done = ""  # text already turned into ids
+
+        def add(text: str, trained: bool) -> None:
+            piece = self.tokenizer.encode(text)
+            ids.extend(piece)
+            labels.extend(piece if trained else [IGNORE] * len(piece))
+
+        for i, msg in enumerate(conv.messages):
+            if msg["role"] != "assistant":
+                continue
+            prompt = self.render(conv.messages[:i], add_generation_prompt=True)
+            full = self.render(conv.messages[: i + 1])
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise LmlabError(
+                    f"{conv.source}: this chat template does not render conversations "
+                    "incrementally, so answer tokens cannot be located; use lmlab's template"
+                )
+            add(prompt[len(done):], trained=False)
+            answer = full[len(prompt):]
+            # Separator text a template emits after the answer's end token belongs to the
+            # next turn: the model should learn to stop at the end token, not after it.
+            end = answer.rfind(self.eos_token) if self.eos_token else -1
+            cut = end + len(self.eos_token) if end >= 0 else len(answer)
+            add(answer[:cut], trained=True)
+            add(answer[cut:], trained=False)
+            done = full
+        add(self.render(conv.messages)[len(done):], trained=False)
+        return Example(tuple(ids), tuple(labels), conv.source)
+
+    def encode_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return self.tokenizer.encode(self.render(messages, add_generation_prompt=True))
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
+
+
+def encode_conversations(conversations: Iterable[Conversation], template, max_len: int) -> list[Example]:
+    """Encode and check that every conversation fits `max_len` (the model's context)."""
+    examples = []
+    for conv in conversations:
+        ex = template.encode(conv)
+        # Training reads ids[:-1] as inputs, so a conversation of max_len + 1 ids still fits.
+        if len(ex.ids) - 1 > max_len:
+            raise LmlabError(
+                f"{conv.source}: conversation is {len(ex.ids)} tokens, longer than the context "
+                f"of {max_len}; shorten or split it, or raise the context length"
+            )
+        if not any(label != IGNORE for label in ex.labels[1:]):
+            raise LmlabError(f"{conv.source}: no trainable answer token after encoding")
+        examples.append(ex)
+    return examples
+
+
+# ---------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------
+
+
+def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Greedily fill rows of `seq_len` positions with (input, target) pairs of whole
+    conversations, in order. Returns LongTensors (N, seq_len): `input_ids`, `targets`
+    (IGNORE where no loss), `doc_ids` (0, 1, ... per conversation in a row; padding is
+    PAD_DOC, a document of its own, so it attends only to padding)."""
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    current: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for ex in examples:
+        inputs, targets = list(ex.ids[:-1]), list(ex.labels[1:])
+        if len(inputs) > seq_len:
+            raise LmlabError(f"{ex.source}: {len(inputs) + 1} tokens do not fit a sequence of {seq_len}")
+        if len(current[0]) + len(inputs) > seq_len:
+            rows.append(current)
+            current = ([], [], [])
+        doc = current[2][-1] + 1 if current[2] else 0
+        current[0].extend(inputs)
+        current[1].extend(targets)
+        current[2].extend([doc] * len(inputs))
+    if current[0]:
+        rows.append(current)
+    n = len(rows)
+    input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    targets = torch.full((n, seq_len), IGNORE, dtype=torch.long)
+    doc_ids = torch.empty((n, seq_len), dtype=torch.long)
+    for i, (inp, tgt, doc) in enumerate(rows):
+        k = len(inp)
+        input_ids[i, :k] = torch.tensor(inp)
+        targets[i, :k] = torch.tensor(tgt)
+        doc_ids[i, :k] = torch.tensor(doc)
+        doc_ids[i, k:] = PAD_DOC
+    return {"input_ids": input_ids, "targets": targets, "doc_ids": doc_ids}
+
+
+def one_per_row(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """No packing: each conversation in its own right-padded row."""
+    rows = [pack_examples([ex], seq_len, pad_id) for ex in examples]
+    return {k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "targets", "doc_ids")}
+
+
+def collate_rows(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack dataset rows into a batch (for batch sources that take a collate function)."""
+    return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+
+class ChatDataset(torch.utils.data.Dataset):
+    """Rows of a packed chat tensor dict; the default collate stacks them into a batch."""
+
+    def __init__(self, rows: dict[str, torch.Tensor]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return self.rows["input_ids"].shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.rows.items()}
