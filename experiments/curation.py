@@ -5,7 +5,9 @@ documents) into the rest, curate, and report what each step removed per noise la
     PYTHONPATH=src python experiments/curation.py --out runs/curation [--texts docs.jsonl]
 
 Without --texts it uses the embedded corpus (`lmlab.data.corpus.embedded_corpus_texts`).
-Writes raw.jsonl, curated.jsonl, heldout.jsonl and report.json. With --learned-keep-top,
+With --train-tokens N it then trains the default recipe's micro model on raw.jsonl and on
+curated.jsonl for N tokens each (one tokenizer, trained on raw) and reports the loss of
+both on the clean held-out text. Writes raw.jsonl, curated.jsonl, heldout.jsonl and report.json. With --learned-keep-top,
 a quality classifier is trained on a clean "reference" split (good) vs the noisy training
 pool (random web), as GPT-3 trained its filter on curated vs crawled text, and applied last."""
 from __future__ import annotations
@@ -51,6 +53,47 @@ def chunk(texts: list[str], min_chars: int) -> list[str]:
     return out
 
 
+def heldout_loss(model, tok, texts: list[str], seq_len: int, batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy (nats) over the held-out texts, packed into windows."""
+    import torch
+
+    ids = [i for t in texts for i in tok.encode(t, add_bos=True, add_eos=True)]
+    n = (len(ids) - 1) // seq_len
+    if n == 0:
+        raise LmlabError("held-out text is shorter than one sequence; raise --heldout")
+    x = torch.tensor(ids[: n * seq_len + 1])
+    inputs, targets = x[:-1].view(n, seq_len), x[1:].view(n, seq_len)
+    total = 0.0
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, n, batch_size):
+            logits = model(inputs[s:s + batch_size])
+            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                             targets[s:s + batch_size].flatten(), reduction="sum"))
+    return total / targets.numel()
+
+
+def train_and_compare(out: Path, heldout: list[str], tokens: int, overrides: list[str]) -> dict:
+    """Pretrain the same model on raw.jsonl and curated.jsonl for the same number of tokens,
+    with one tokenizer (trained on the raw pool), and score both on the clean held-out text."""
+    from lmlab.checkpoint import load_model
+    from lmlab.pipeline import load_recipe, run_pipeline
+    from lmlab.tokenizer import train_tokenizer
+
+    recipe, _ = load_recipe(None, overrides)
+    tok = train_tokenizer((d["text"] for d in read_documents(out / "raw.jsonl")), recipe.data.vocab_size)
+    tok.save(out / "tokenizer.json")
+    results = {}
+    for name in ("raw", "curated"):
+        recipe, raw = load_recipe(None, [*overrides, f"name=curation-{name}", f"data.source={out / name}.jsonl",
+                                         f"data.tokenizer={out / 'tokenizer.json'}", f"train.tokens={tokens}"])
+        run_pipeline(recipe, out / f"run-{name}", raw=raw, stages=("tokenizer", "shards", "pretrain"))
+        model = load_model(out / f"run-{name}" / "model")
+        results[name] = {"heldout_loss": round(heldout_loss(model, tok, heldout, recipe.data.seq_len), 4),
+                         "train_tokens": tokens}
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -62,6 +105,9 @@ def main() -> None:
     ap.add_argument("--config", help="curation YAML (docs/curation.md); default: every step with defaults")
     ap.add_argument("--learned-keep-top", type=float,
                     help="also apply the learned filter, keeping this best-scoring fraction")
+    ap.add_argument("--train-tokens", type=int,
+                    help="then pretrain the default recipe's model on raw and on curated for this many tokens each")
+    ap.add_argument("--set", action="append", default=[], help="recipe override for training, e.g. train.lr=1e-3")
     args = ap.parse_args()
     out = Path(args.out)
     texts = load_texts(args.texts)
@@ -89,6 +135,10 @@ def main() -> None:
     write_json_atomic(out / "report.json", result)
     print(json.dumps({k: result[k] for k in ("documents", "chars", "removal_by_noise_label")}, indent=1))
     print(json.dumps(report["removed"], indent=1))
+    if args.train_tokens:
+        result["training"] = train_and_compare(out, heldout, args.train_tokens, args.set)
+        write_json_atomic(out / "report.json", result)
+        print(json.dumps(result["training"], indent=1))
 
 
 if __name__ == "__main__":
