@@ -86,6 +86,8 @@ def test_edits_normalise_unicode_control_chars_and_whitespace():
     (raw,), step = run_clean([text], boilerplate_min_docs=None, unicode_form=None, strip_control=False,
                              fix_whitespace=False)
     assert raw["text"] == text and not step.edits
+    (code,), _ = run_clean(["def f(x):\n    return  x   \n\n\n\n\tpass"], boilerplate_min_docs=None, min_chars=None)
+    assert code["text"] == "def f(x):\n    return x\n\n\tpass"  # indentation is syntax
 
 
 def test_boilerplate_lines_repeated_across_documents_are_removed():

@@ -25,9 +25,13 @@ def strip_control(text: str) -> str:
 
 
 def fix_whitespace(text: str) -> str:
-    """One space between words, no trailing spaces, at most one blank line between paragraphs."""
-    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
-    return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip()
+    """One space between words, no trailing spaces, at most one blank line between paragraphs.
+    Leading indentation is kept: it is syntax in code, Markdown and reStructuredText."""
+    lines = []
+    for line in text.split("\n"):
+        body = line.lstrip(" \t")
+        lines.append(line[:len(line) - len(body)] + _SPACES.sub(" ", body).rstrip() if body else "")
+    return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip("\n").rstrip()
 
 
 def words(text: str) -> list[str]:
