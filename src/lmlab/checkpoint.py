@@ -7,7 +7,6 @@ Layout of an lmlab model directory:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_path, write_json_atomic
+from lmlab.io import atomic_path, read_json, write_json_atomic
 from lmlab.model.transformer import Transformer
 
 CONFIG_FILE = "config.json"
@@ -62,15 +61,8 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer: Any = None,
 def read_config_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     file = path / CONFIG_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise LmlabError(
-            f"no {CONFIG_FILE} in {path}: expected an lmlab checkpoint directory or a Hugging Face "
-            "model directory (config.json + *.safetensors)"
-        )
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LmlabError(f"{file} is not valid JSON ({e})") from None
+    return read_json(file, f"no {CONFIG_FILE} in {path}: expected an lmlab checkpoint directory or a "
+                           "Hugging Face model directory (config.json + *.safetensors)")
 
 
 def is_lmlab_dir(path: str | Path) -> bool:

@@ -6,7 +6,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,6 +39,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def read_json(path: str | os.PathLike, missing: str) -> Any:
+    """Parse a JSON file; a missing or malformed file is an LmlabError (`missing` says what
+    the file should be and how to get one)."""
+    from lmlab.errors import LmlabError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LmlabError(f"{path} not found: {missing}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmlabError(f"{path} is not valid JSON ({e}); repair or regenerate it") from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

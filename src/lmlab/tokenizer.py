@@ -2,12 +2,11 @@
 sentencepiece model, behind one small interface."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_path
+from lmlab.io import atomic_path, read_json
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>"}
@@ -119,12 +118,7 @@ def _load_hf(path: Path) -> Tokenizer:
     except Exception as e:  # the Rust error types are not importable
         raise LmlabError(f"{path} is not a valid tokenizer.json ({e})") from None
     config_path = path.parent / "tokenizer_config.json"
-    config = {}
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise LmlabError(f"{config_path} is not valid JSON ({e})") from None
+    config = read_json(config_path, "") if config_path.is_file() else {}
     lookup = backend.token_to_id
     return Tokenizer(
         backend, "hf",

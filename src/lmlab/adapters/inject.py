@@ -8,7 +8,6 @@ Target modules are chosen by name patterns over `model.named_modules()`:
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from lmlab.adapters.lora import LoRALinear
 from lmlab.adapters.report import ParameterReport, parameter_report
 from lmlab.config import from_mapping
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_path, write_json_atomic
+from lmlab.io import atomic_path, read_json, write_json_atomic
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -176,12 +175,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
 
 def load_adapter_config(directory: str | Path) -> AdapterConfig:
     path = Path(directory) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise LmlabError(f"no {ADAPTER_CONFIG} in {directory}: point at a directory written by save_adapter")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LmlabError(f"{path} is not valid JSON: {e}") from None
+    data = read_json(path, "point at an adapter directory written by save_adapter")
     return AdapterConfig.from_dict(data, where=str(path))
 
 

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Protocol, Sequence
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.io import read_json
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # target value cross_entropy skips
@@ -195,12 +196,7 @@ class JinjaTemplate:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer_config.json"
-        if not path.is_file():
-            raise LmlabError(f"{path} not found: a stored chat template lives in tokenizer_config.json")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise LmlabError(f"{path} is not valid JSON ({e})") from None
+        config = read_json(path, "a stored chat template lives in tokenizer_config.json")
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)

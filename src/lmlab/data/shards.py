@@ -14,7 +14,6 @@ Directory layout:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_path, write_json_atomic
+from lmlab.io import atomic_path, read_json, write_json_atomic
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -157,12 +156,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def __init__(self, directory: str | Path, split: str = "train") -> None:
         directory = Path(directory)
         path = directory / MANIFEST
-        if not path.is_file():
-            raise LmlabError(
-                f"{directory} has no {MANIFEST}: the shards are missing or were never finished; "
-                "(re)build them with `lmlab shards`"
-            )
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = read_json(path, "the shards are missing or were never finished; (re)build them with `lmlab shards`")
         if split not in manifest["splits"]:
             raise LmlabError(f"unknown split {split!r}; choose one of {list(manifest['splits'])}")
         self.manifest = manifest

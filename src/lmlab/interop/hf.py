@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from lmlab.config import ModelConfig, RopeScaling, from_mapping
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_path, write_json_atomic
+from lmlab.io import atomic_path, read_json, write_json_atomic
 
 FAMILY_MODULES = ("lmlab.interop.llama", "lmlab.interop.phi3", "lmlab.interop.mixtral", "lmlab.interop.openelm")
 
@@ -352,13 +352,7 @@ def renamed_to_hf(keymap: KeyMap, state: Mapping[str, torch.Tensor],
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        raise LmlabError(f"no config.json in {path}: expected a Hugging Face model directory")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LmlabError(f"{file} is not valid JSON ({e})") from None
+    return read_json(Path(path) / "config.json", "expected a Hugging Face model directory (config.json + *.safetensors)")
 
 
 class HFCheckpoint:
