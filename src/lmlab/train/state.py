@@ -26,7 +26,7 @@ import torch
 
 from lmlab.checkpoint import load_state_dict, save_model, save_state_dict
 from lmlab.errors import LmlabError
-from lmlab.io import _fsync_dir, write_json_atomic, write_text_atomic
+from lmlab.io import fsync_dir, write_json_atomic, write_text_atomic
 
 TRAINER_FILE = "trainer.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -82,7 +82,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
         if final.exists():  # re-saving the same step (e.g. a resumed run that ends there)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
