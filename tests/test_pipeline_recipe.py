@@ -9,7 +9,7 @@ def test_default_recipe_loads_and_overrides_apply():
     recipe, raw = load_recipe(None, ["train.lr=1e-3", "model.n_layers=2", "data.seq_len=64"])
     assert recipe.train.lr == 1e-3 and recipe.data.seq_len == 64
     assert recipe.model["n_layers"] == 2 and raw["model"]["n_layers"] == 2
-    assert list(recipe.stages) == ["tokenizer", "shards", "pretrain", "sample"]
+    assert list(recipe.stages) == ["tokenizer", "shards", "pretrain", "sample", "sft"]
 
 
 @pytest.mark.parametrize("override, closest", [
@@ -100,3 +100,26 @@ def test_rerun_without_resume_is_refused_before_any_stage(tmp_path):
     with pytest.raises(LmlabError, match="--resume"):
         run_pipeline(recipe, tmp_path, echo=lambda s: None)
     assert not (tmp_path / "tokenizer.json").exists()
+
+
+def test_sft_stage_tunes_on_the_world_and_scores_with_the_gold_reward(tmp_path):
+    import json
+
+    from lmlab.config import get_preset
+    from lmlab.model import build_model
+    from lmlab.pipeline import Context
+    from lmlab.tokenizer import train_tokenizer
+    from lmlab.worlds.sort import sample_tasks
+
+    tok = train_tokenizer([t.prompt + " " + t.ideal for t in sample_tasks(200, seed=1)], vocab_size=300)
+    model = build_model(get_preset("nano").replace(vocab_size=tok.vocab_size, max_seq_len=64))
+    recipe, _ = load_recipe(None, ["data.seq_len=64", "sft.n=40", "sft.eval_prompts=4",
+                                    "sft.train={steps: 2, batch_size: 4, progress: false}"])
+    ctx = Context(tmp_path, recipe, echo=lambda s: None, artifacts={"tokenizer": tok, "model": model})
+    STAGES["sft"](ctx)
+    summary = json.loads((tmp_path / "sft" / "world_eval.json").read_text())
+    assert summary["generated"] == 4 and summary["steps"] == 2
+    # the gold reward of a perfect answer is 1 (docs/worlds.md); these are bounded scores
+    assert -10 < summary["gold_reward_dense"] <= 1 and 0 <= summary["gold_reward_sparse"] <= 1
+    assert (tmp_path / "sft" / "adapter" / "adapter.safetensors").is_file()
+    assert (tmp_path / "sft" / "model" / "config.json").is_file()

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 from lmlab.config import from_mapping, load_yaml, resolve_model_config
 from lmlab.errors import LmlabError
 from lmlab.io import write_text_atomic
+from lmlab.adapters.inject import AdapterConfig
 from lmlab.train.config import TrainConfig, apply_overrides
 
 
@@ -39,6 +40,23 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class SFTStageConfig:
+    """The `sft` stage: instruction-tune the pretrained model on a gold-reward world's task
+    with the fine-tuning code (`lmlab.train.finetune`), then score generated answers with the
+    world's gold reward."""
+    world: str = "sort"
+    seed: int = 0
+    n: int = 1000  # conversations exported; 10% are held out for validation
+    method: str = "lora"
+    adapter: AdapterConfig = AdapterConfig(
+        r=8, alpha=16.0,
+        # The chat role tokens never occur in the pretraining corpus: their rows must train.
+        trainable=("embed", "lm_head"))
+    train: TrainConfig = TrainConfig(steps=200, batch_size=8, lr=1e-2, warmup_steps=10, log_every=10)
+    eval_prompts: int = 50  # held-out world prompts answered greedily and scored
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "run"
     stages: tuple[str, ...] = ("tokenizer", "shards", "pretrain", "sample")
@@ -46,9 +64,10 @@ class Recipe:
     model: Any = "micro"  # preset name or mapping; resolved once the vocabulary is known
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
+    sft: SFTStageConfig = SFTStageConfig()
 
 
-SECTIONS = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig}
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig, "sft": SFTStageConfig}
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
 
@@ -236,3 +255,53 @@ def sample_stage(ctx: Context) -> None:
         ctx.echo(f"--- sample: {text!r}")
     write_text_atomic(ctx.run_dir / "samples.txt", "\n\n".join(lines) + "\n")
     ctx.artifacts["samples"] = lines
+
+
+@stage("sft")
+def sft_stage(ctx: Context) -> None:
+    """Export the world, fine-tune the pretrained model on its chat SFT set, and score
+    greedy answers to held-out prompts with the world's gold reward."""
+    import json
+
+    import torch
+
+    from lmlab.data.chat import RoleTokenTemplate
+    from lmlab.decode.generate import generate
+    from lmlab.io import write_json_atomic
+    from lmlab.train.finetune import ChatDataConfig, FinetuneConfig, finetune
+    from lmlab.worlds.evaluate import sort_rewards
+    from lmlab.worlds.export import export_world
+
+    s, tok = ctx.recipe.sft, ctx.artifacts["tokenizer"]
+    if s.world != "sort":
+        raise LmlabError(f"the sft stage scores answers with SortWorld's gold reward; sft.world={s.world!r} "
+                         "is not supported here (use `lmlab finetune` for other data)")
+    world_dir = ctx.run_dir / "world"
+    export_world(s.world, world_dir, seed=s.seed, n=s.n)
+    cfg = FinetuneConfig(
+        base="pretrain stage", out=str(ctx.run_dir / "sft"), method=s.method, adapter=s.adapter, train=s.train,
+        data=ChatDataConfig(train=str(world_dir / "sft.jsonl"), val_fraction=0.1, seq_len=ctx.recipe.data.seq_len))
+    model = ctx.artifacts["model"]
+    result = finetune(model, tok, cfg, ctx.run_dir / "sft", resume=ctx.resume, log=ctx.echo)
+    template = RoleTokenTemplate(tok)
+    rows = [json.loads(line) for line in (world_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    prompts = [r["prompt"] for r in rows[: s.eval_prompts]]
+    ids = [template.encode_prompt([{"role": "user", "content": p}]) for p in prompts]
+    with torch.no_grad():
+        outs = generate(model.eval(), ids, 32, eos_id=template.stop_ids[0])
+    answers = [tok.decode(o.tokens[:-1] if o.finish_reason == "eos" else o.tokens) for o in outs]
+    rewards = sort_rewards(prompts, answers, [o.finish_reason for o in outs])
+    summary = {
+        "method": s.method, "steps": result.train.step, "val_loss": result.val_loss,
+        "teacher_forced_exact_match": result.exact_match,
+        "generated": len(prompts),
+        "gold_reward_dense": sum(rewards["gold_dense"]) / len(prompts),
+        "gold_reward_sparse": sum(rewards["gold_sparse"]) / len(prompts),
+        "examples": [{"prompt": p, "answer": a} for p, a in list(zip(prompts, answers))[:5]],
+    }
+    write_json_atomic(ctx.run_dir / "sft" / "world_eval.json", summary)
+    for ex in summary["examples"][:3]:
+        ctx.echo(f"--- {ex['prompt']!r} -> {ex['answer']!r}")
+    ctx.echo(f"sft ({s.method}, {result.train.step} steps): gold reward {summary['gold_reward_dense']:.3f} dense, "
+             f"{summary['gold_reward_sparse']:.3f} exact (sparse) on {len(prompts)} held-out prompts")
+    ctx.artifacts["sft_eval"] = summary
