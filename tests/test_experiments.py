@@ -1,0 +1,32 @@
+"""The experiment scripts run end to end at toy scale (their numbers are in docs/experiments.md)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_proxy_tuning_experiment_runs(tmp_path):
+    exp = load("proxy_tuning")
+    assert exp.main(["--out", str(tmp_path), "--keys", "20", "--pretrain-steps", "20", "--tune-steps", "5"]) == 0
+    (result,) = json.loads((tmp_path / "results.json").read_text())
+    assert set(result["proxy"]) == {"0.0", "0.5", "1.0", "1.5", "2.0"}
+    assert 0 <= result["large"] <= 1 and "| token |" in (tmp_path / "results.md").read_text()
+
+
+def test_proxy_alpha_zero_is_the_base(tmp_path):
+    """At α = 0 the proxy-tuned model is the base model, so their scores must agree."""
+    exp = load("proxy_tuning")
+    exp.main(["--out", str(tmp_path), "--keys", "12", "--pretrain-steps", "5", "--tune-steps", "2"])
+    (result,) = json.loads((tmp_path / "results.json").read_text())
+    assert result["proxy"]["0.0"] == result["large"]
