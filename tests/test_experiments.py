@@ -30,3 +30,12 @@ def test_proxy_alpha_zero_is_the_base(tmp_path):
     exp.main(["--out", str(tmp_path), "--keys", "12", "--pretrain-steps", "5", "--tune-steps", "2"])
     (result,) = json.loads((tmp_path / "results.json").read_text())
     assert result["proxy"]["0.0"] == result["large"]
+
+
+@pytest.mark.slow
+def test_lora_vs_dora_experiment_runs(tmp_path, monkeypatch):
+    exp = load("lora_vs_dora")
+    monkeypatch.setattr(exp, "PRETRAIN", exp.PRETRAIN + ["train.steps=5"])
+    assert exp.main(["--out", str(tmp_path), "--steps", "2"]) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| 0 | {m} |" in table for m in ("full", "lora", "dora"))
