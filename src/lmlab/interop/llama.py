@@ -17,8 +17,9 @@ from lmlab.interop.hf import (
     config_from_fields, register_family, renamed_from_hf, renamed_to_hf,
 )
 
-# Our name -> HF name, per module (suffix .weight/.bias carries over).
-KEYS = KeyMap([
+# Our name -> HF name, per module (suffix .weight/.bias carries over). Everything but the
+# FFN is shared with Mixtral.
+ATTENTION_KEYS = [
     ("embed", "model.embed_tokens"),
     ("layers.{i}.attn_norm", "model.layers.{i}.input_layernorm"),
     ("layers.{i}.attn.q_proj", "model.layers.{i}.self_attn.q_proj"),
@@ -26,11 +27,13 @@ KEYS = KeyMap([
     ("layers.{i}.attn.v_proj", "model.layers.{i}.self_attn.v_proj"),
     ("layers.{i}.attn.o_proj", "model.layers.{i}.self_attn.o_proj"),
     ("layers.{i}.mlp_norm", "model.layers.{i}.post_attention_layernorm"),
+    ("norm", "model.norm"),
+    ("lm_head", "lm_head"),
+]
+KEYS = KeyMap(ATTENTION_KEYS + [
     ("layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.gate_proj"),
     ("layers.{i}.mlp.up_proj", "model.layers.{i}.mlp.up_proj"),
     ("layers.{i}.mlp.down_proj", "model.layers.{i}.mlp.down_proj"),
-    ("norm", "model.norm"),
-    ("lm_head", "lm_head"),
 ])
 
 # transformers' LlamaConfig defaults for keys a config.json may omit.

@@ -16,19 +16,9 @@ from lmlab.interop.hf import (
     Family, HFCheckpoint, KeyMap, Tensors, base_config_from_hf, base_config_to_hf, check_exportable,
     config_from_fields, register_family, renamed_from_hf, renamed_to_hf,
 )
+from lmlab.interop.llama import ATTENTION_KEYS
 
-KEYS = KeyMap([
-    ("embed", "model.embed_tokens"),
-    ("layers.{i}.attn_norm", "model.layers.{i}.input_layernorm"),
-    ("layers.{i}.attn.q_proj", "model.layers.{i}.self_attn.q_proj"),
-    ("layers.{i}.attn.k_proj", "model.layers.{i}.self_attn.k_proj"),
-    ("layers.{i}.attn.v_proj", "model.layers.{i}.self_attn.v_proj"),
-    ("layers.{i}.attn.o_proj", "model.layers.{i}.self_attn.o_proj"),
-    ("layers.{i}.mlp_norm", "model.layers.{i}.post_attention_layernorm"),
-    ("layers.{i}.mlp.router", "model.layers.{i}.block_sparse_moe.gate"),
-    ("norm", "model.norm"),
-    ("lm_head", "lm_head"),
-])
+KEYS = KeyMap(ATTENTION_KEYS + [("layers.{i}.mlp.router", "model.layers.{i}.block_sparse_moe.gate")])
 EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 OURS_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.(gate|up|down)_proj$")
 PROJ = {"w1": "gate", "w3": "up", "w2": "down"}

@@ -14,25 +14,15 @@ Every file is written atomically.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Iterable
 
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_path, write_json_atomic
+from lmlab.io import write_json_atomic, write_jsonl_atomic
 from lmlab.worlds import fact, sort
 from lmlab.worlds.labeller import LabellerConfig, SplitConfig, preference_splits
 
 WORLDS = ("sort", "fact")
-
-
-def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> int:
-    n = 0
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    return n
 
 
 def documents(world: str, texts: list[str]) -> Iterable[dict]:

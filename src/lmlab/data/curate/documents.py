@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Union
 
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_path
+from lmlab.io import write_jsonl_atomic
 
 Document = dict
 Source = Union[Callable[[], Iterable[Document]], Iterable[Document]]
@@ -62,9 +62,4 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
 
 def write_documents(path: str | Path, docs: Iterable[Document]) -> int:
     """Write documents as JSONL atomically; returns how many were written."""
-    n = 0
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-            n += 1
-    return n
+    return write_jsonl_atomic(path, docs)
