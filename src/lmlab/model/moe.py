@@ -28,8 +28,12 @@ def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of `x` are grouped by expert (group e has counts[e] rows, in expert order);
-    group e is multiplied by weight[e]^T. x: (M, in), weight: (E, out, in) -> (M, out)."""
-    weight = weight.to(x.dtype)
+    group e is multiplied by weight[e]^T. x: (M, in), weight: (E, out, in) -> (M, out).
+    Under autocast both run in the autocast dtype, as an nn.Linear would (autocast does not
+    cover the grouped kernel itself)."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    x, weight = x.to(dtype), weight.to(dtype)
     if _grouped_mm_usable(x, weight):
         out = torch._grouped_mm(x, weight.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
         if out.requires_grad:  # the CPU kernel's backward needs a dense incoming gradient
