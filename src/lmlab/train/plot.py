@@ -40,3 +40,30 @@ def plot_losses(runs: dict[str, str | Path], out: str | Path, title: str = "loss
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return out
+
+
+def plot_val_vs_flops(runs: dict[str, tuple[str | Path, float]], out: str | Path,
+                      title: str = "validation loss vs training compute") -> Path:
+    """Validation loss against training FLOPs, one curve per `label: (run dir or metrics
+    file, FLOPs per optimizer step)`; the x axis is step × FLOPs per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for label, (run, flops_per_step) in runs.items():
+        val = [(r["step"] * flops_per_step, r["val_loss"]) for r in read_metrics(run) if "val_loss" in r]
+        if val:
+            ax.plot(*zip(*val), "o-", label=label, markersize=4)
+    ax.set_xlabel("training FLOPs (6·N_active + attention, per token × tokens)")
+    ax.set_ylabel("validation cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out
