@@ -39,3 +39,14 @@ def test_lora_vs_dora_experiment_runs(tmp_path, monkeypatch):
     assert exp.main(["--out", str(tmp_path), "--steps", "2"]) == 0
     table = (tmp_path / "results.md").read_text()
     assert all(f"| 0 | {m} |" in table for m in ("full", "lora", "dora"))
+
+
+@pytest.mark.slow
+def test_architecture_experiment_runs(tmp_path):
+    exp = load("architectures")
+    sets = ["--set", "train.steps=2", "--set", "train.eval_every=1", "--set", "train.progress=false",
+            "--set", "data.vocab_size=300"]
+    assert exp.main(["moe", "--out", str(tmp_path), *sets]) == 0
+    dense, moe = json.loads((tmp_path / "results.json").read_text())
+    assert moe["total"] > 2 * dense["total"] and abs(moe["active"] / dense["active"] - 1) < 0.01
+    assert moe["moe_load_imbalance"] >= 1.0 and (tmp_path / "val_vs_flops.png").stat().st_size > 0
