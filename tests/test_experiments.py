@@ -39,3 +39,19 @@ def test_lora_vs_dora_experiment_runs(tmp_path, monkeypatch):
     assert exp.main(["--out", str(tmp_path), "--steps", "2"]) == 0
     table = (tmp_path / "results.md").read_text()
     assert all(f"| 0 | {m} |" in table for m in ("full", "lora", "dora"))
+
+
+def test_architecture_experiment_runs(tmp_path):
+    exp = load("architectures")
+    sets = ["--set", "train.steps=2", "--set", "train.eval_every=1", "--set", "train.progress=false",
+            "--set", "data.vocab_size=300", "--set", "train.batch_size=2"]
+    assert exp.main(["moe", "--out", str(tmp_path), "--seeds", "0", "1", *sets]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in rows] == [("dense", 0), ("moe", 0), ("dense", 1), ("moe", 1)]
+    dense, moe = rows[:2]
+    assert moe["total"] > 2 * dense["total"] and abs(moe["active"] / dense["active"] - 1) < 0.01
+    # Equal active parameters: the FLOPs axis differs only by the router.
+    assert 1 < moe["flops_per_step"] / dense["flops_per_step"] < 1.01
+    assert rows[0]["val_loss"] != rows[2]["val_loss"]  # the seed reaches the initialisation
+    assert moe["moe_load_imbalance"] >= 1.0 and (tmp_path / "val_vs_flops.png").stat().st_size > 0
+    assert "| moe | 2 |" in (tmp_path / "results.md").read_text()

@@ -58,6 +58,22 @@ def test_router_picks_the_same_experts_token_by_token(converted):
         assert torch.equal(a, b)
 
 
+def test_fused_layout_loads_too(converted, tmp_path):
+    """transformers' in-memory layout (fused gate_up_proj, `mlp.gate` router), as written by
+    save_pretrained(save_original_format=False), converts to the same logits."""
+    from safetensors import safe_open
+
+    from lmlab.interop.hf import load_hf_model
+
+    hf, _ = converted
+    hf.save_pretrained(tmp_path, save_original_format=False)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in f.keys()
+    ours = load_hf_model(tmp_path).eval()
+    with torch.no_grad():
+        assert max_diff(ours(IDS), hf_logits(hf, IDS)) <= TOL
+
+
 def test_export_loads_in_transformers(converted, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -37,3 +37,19 @@ def format_count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Forward + backward FLOPs per trained token, the usual 6·N + attention estimate
+    (Kaplan et al. 2020; Hoffmann et al. 2022): 6 per active matmul weight, plus
+    12·seq_len·(query width) per layer for the score and value products (3× the forward's
+    2 + 2 multiply-adds per key, counted over the full window as dense kernels compute it).
+    The embedding lookup is no matmul and is left out; a tied output head is a matmul and
+    counts. Norms, softmax and the router's top-k are negligible at these widths.
+    MoE uses active parameters, so dense and sparse models at equal active size get the
+    same figure — the axis the MoE-vs-dense comparison needs."""
+    counts = parameter_counts(cfg)
+    embedding = cfg.vocab_size * cfg.d_model
+    matmul = counts["active"] - (0 if cfg.tie_embeddings else embedding)
+    attention = sum(12 * seq_len * cfg.layer_heads(i) * cfg.dim_per_head for i in range(cfg.n_layers))
+    return 6 * matmul + attention

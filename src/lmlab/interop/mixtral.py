@@ -1,7 +1,11 @@
 """Mixtral (`MixtralForCausalLM`): Llama attention, and per layer a router
 (`block_sparse_moe.gate`) with E SwiGLU experts stored one matrix per expert
-(`experts.{j}.w1` = gate, `w3` = up, `w2` = down). We keep the experts stacked per
-projection, so import stacks the per-expert matrices and export unstacks them.
+(`experts.{j}.w1` = gate, `w3` = up, `w2` = down). That is what transformers 5.x's
+`save_pretrained` writes by default, although its model holds the experts fused
+(`mlp.experts.gate_up_proj` (E, 2h, d) gate rows first, `mlp.experts.down_proj` (E, d, h),
+router `mlp.gate`); `save_pretrained(save_original_format=False)` writes that fused layout,
+so import reads both. We keep the experts stacked per projection, so import stacks (or
+splits) and export writes the per-expert layout every Mixtral loader reads.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from lmlab.interop.hf import (
 from lmlab.interop.llama import ATTENTION_KEYS
 
 KEYS = KeyMap(ATTENTION_KEYS + [("layers.{i}.mlp.router", "model.layers.{i}.block_sparse_moe.gate")])
+FUSED_ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
+FUSED_EXPERTS = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj$")
 EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 OURS_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.(gate|up|down)_proj$")
 PROJ = {"w1": "gate", "w3": "up", "w2": "down"}
@@ -48,8 +54,27 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
+def _fused_from_hf(cfg: ModelConfig, ckpt: HFCheckpoint) -> Tensors:
+    for name in ckpt.keys():
+        if m := FUSED_ROUTER.match(name):
+            yield f"layers.{m.group(1)}.mlp.router.weight", ckpt[name]
+        elif m := FUSED_EXPERTS.match(name):
+            prefix, tensor = f"layers.{m.group(1)}.mlp", ckpt[name]
+            if tensor.shape[0] != cfg.n_experts:
+                raise LmlabError(f"{name} holds {tensor.shape[0]} experts, but config.json says "
+                                 f"num_local_experts={cfg.n_experts}; the checkpoint is inconsistent")
+            if m.group(2) == "down":
+                yield f"{prefix}.down_proj", tensor
+            else:
+                gate, up = tensor.chunk(2, dim=1)
+                yield f"{prefix}.gate_proj", gate.contiguous()
+                yield f"{prefix}.up_proj", up.contiguous()
+
+
 def weights_from_hf(cfg: ModelConfig, ckpt: HFCheckpoint) -> Tensors:
-    yield from renamed_from_hf(KEYS, cfg, ckpt, skip=lambda name: bool(EXPERT.match(name)))
+    fused = lambda name: bool(FUSED_ROUTER.match(name) or FUSED_EXPERTS.match(name))  # noqa: E731
+    yield from renamed_from_hf(KEYS, cfg, ckpt, skip=lambda name: bool(EXPERT.match(name)) or fused(name))
+    yield from _fused_from_hf(cfg, ckpt)
     found: dict[tuple[int, str], dict[int, str]] = {}
     for name in ckpt.keys():
         if m := EXPERT.match(name):

@@ -87,33 +87,32 @@ class MoE(nn.Module):
         hidden = F.silu(grouped_linear(rows, self.gate_proj, counts)) * grouped_linear(rows, self.up_proj, counts)
         out = grouped_linear(hidden, self.down_proj, counts) * weights.flatten()[order, None]
         y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
-        self.last_stats = router_stats(logits, experts)
+        self.last_stats = router_stats(logits, counts)
         return y.view(shape)
 
 
-def router_stats(logits: torch.Tensor, experts: torch.Tensor) -> dict[str, torch.Tensor]:
+def router_stats(logits: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sums over this layer's tokens from which the auxiliary losses are formed, so that the
-    losses over several layers equal those computed on all layers' tokens at once."""
-    n, e = logits.shape
-    probs = logits.float().softmax(-1)
-    chosen = F.one_hot(experts, e).float()  # (N, k, E)
+    losses over several layers equal those computed on all layers' tokens at once.
+    counts[e]: routing slots given to expert e (the dispatch's bincount)."""
     return {
-        "tokens": torch.tensor(float(n), device=logits.device),
-        "chosen": chosen.sum(0),  # (k, E): how often each expert fills each slot
-        "prob": probs.sum(0),  # (E,)
+        "tokens": torch.tensor(float(logits.shape[0]), device=logits.device),
+        "load": counts.float(),  # (E,)
+        "prob": logits.float().softmax(-1).sum(0),  # (E,)
         "z": logits.float().logsumexp(-1).pow(2).sum(),
-        "load": chosen.sum((0, 1)).detach(),  # tokens routed to each expert
     }
 
 
 def load_balancing_loss(stats: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Switch/Mixtral auxiliary loss: E * sum_e f_e * P_e, where f_e is the fraction of
-    routing slots given to expert e and P_e its mean router probability; it is smallest
-    (top_k) when both are uniform. Equal to transformers' `load_balancing_loss_func`."""
+    """Switch/Mixtral auxiliary loss: E * sum_e f_e * P_e, where f_e is the number of
+    routing slots given to expert e per token (summed over the k slots) and P_e its mean
+    router probability; it is smallest (top_k) when both are uniform. Equal to
+    transformers' `load_balancing_loss_func`, whose per-slot fractions sum to f_e because
+    P_e does not depend on the slot."""
     tokens = sum(s["tokens"] for s in stats)
-    fraction = sum(s["chosen"] for s in stats) / tokens
+    fraction = sum(s["load"] for s in stats) / tokens
     mean_prob = sum(s["prob"] for s in stats) / tokens
-    return (fraction * mean_prob[None]).sum() * fraction.shape[-1]
+    return (fraction * mean_prob).sum() * fraction.shape[-1]
 
 
 def router_z_loss(stats: list[dict[str, torch.Tensor]]) -> torch.Tensor:
