@@ -67,6 +67,29 @@ def test_adapter_finetune_writes_report_adapter_and_merged_model(tmp_path, metho
     assert changed and all(k.split(".")[-2] in ("q_proj", "v_proj", "up_proj", "down_proj") for k in changed)
 
 
+def test_lora_finetune_of_a_moe_adapts_the_experts(tmp_path):
+    """The default MLP targets reach a MoE block's stacked experts; the SFT objective adds
+    the router's auxiliary losses and logs them."""
+    from dataclasses import replace
+
+    from lmlab.adapters import LoRAExperts
+
+    model = build_model(replace(CFG, ffn_hidden=32, n_experts=4, top_k=2, moe_aux_loss_weight=0.01))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    finetune(model, TOK, recipe(tmp_path, "lora", steps=4), tmp_path / "run", log=seen.append)
+    assert any("adapted modules: 8" in line for line in seen)  # q, v, up, down in 2 layers
+    merged = load_model(tmp_path / "run" / "model")
+    assert not torch.equal(merged.state_dict()["layers.0.mlp.down_proj.weight"], base["layers.0.mlp.down_proj.weight"])
+    assert torch.equal(merged.state_dict()["layers.0.mlp.router.weight"], base["layers.0.mlp.router.weight"])
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("moe_aux_loss" in m for m in metrics)
+    again = build_model(merged.config)
+    again.load_state_dict(base)
+    load_adapter(again, tmp_path / "run" / "adapter")
+    assert isinstance(again.layers[1].mlp.up_proj, LoRAExperts)
+
+
 def test_full_finetune_trains_everything(tmp_path):
     model = build_model(CFG)
     result = finetune(model, TOK, recipe(tmp_path, "full", steps=5), tmp_path / "run", log=lambda s: None)

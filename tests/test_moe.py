@@ -91,10 +91,10 @@ def test_perturbations_are_caught(converted):
     moe = ours.layers[0].mlp
     # wrong expert permutation: swap two experts' gate weights
     with torch.no_grad():
-        saved = moe.gate_proj.clone()
-        moe.gate_proj[[0, 1]] = moe.gate_proj[[1, 0]]
+        saved = moe.gate_proj.weight.clone()
+        moe.gate_proj.weight[[0, 1]] = moe.gate_proj.weight[[1, 0]]
         assert max_diff(ours(IDS), ref) > 1e-3
-        moe.gate_proj.copy_(saved)
+        moe.gate_proj.weight.copy_(saved)
     # top-k weights without renormalisation
     route = MoE.route
 
@@ -119,8 +119,8 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for e, w in zip(experts[t].tolist(), weights[t]):
-            h = torch.nn.functional.silu(moe.gate_proj[e] @ x[t]) * (moe.up_proj[e] @ x[t])
-            out[t] += w * (moe.down_proj[e] @ h)
+            h = torch.nn.functional.silu(moe.gate_proj.weight[e] @ x[t]) * (moe.up_proj.weight[e] @ x[t])
+            out[t] += w * (moe.down_proj.weight[e] @ h)
     return out
 
 

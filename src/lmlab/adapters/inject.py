@@ -1,6 +1,8 @@
 """Put LoRA/DoRA adapters into a model, merge/unmerge them, and save/load them alone.
 
-Target modules are chosen by name patterns over `model.named_modules()`:
+Adaptable modules are nn.Linear and a MoE block's stacked experts (`GroupedLinear`, named
+`mlp.gate_proj` / `up_proj` / `down_proj` like a dense MLP's projections), chosen by name
+patterns over `model.named_modules()`:
 - a glob (`fnmatch`) matched against the full dotted name *or* its last component, so
   `q_proj` hits every layer's query projection and `layers.0.*` only the first block;
 - `re:<regex>`: a regular expression that must match the full dotted name.
@@ -16,17 +18,21 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from lmlab.adapters.dora import DoRALinear
-from lmlab.adapters.lora import LoRALinear
+from lmlab.adapters.dora import DoRAExperts, DoRALinear
+from lmlab.adapters.lora import LoRAExperts, LoRALinear, LoRAMixin
 from lmlab.adapters.report import ParameterReport, parameter_report
 from lmlab.config import from_mapping
 from lmlab.errors import LmlabError
 from lmlab.io import atomic_path, read_json, write_json_atomic
+from lmlab.model.moe import GroupedLinear
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# (base module type, method) -> adapter class
+ADAPTER_CLASSES = {(nn.Linear, "lora"): LoRALinear, (nn.Linear, "dora"): DoRALinear,
+                   (GroupedLinear, "lora"): LoRAExperts, (GroupedLinear, "dora"): DoRAExperts}
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,8 @@ def matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)
 
 
-def adapter_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def adapter_modules(model: nn.Module) -> dict[str, LoRAMixin]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRAMixin)}
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -79,17 +85,18 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> ParameterReport:
-    """Freeze every base parameter and wrap each nn.Linear whose name matches `cfg.targets`.
+    """Freeze every base parameter and wrap each nn.Linear or expert stack whose name
+    matches `cfg.targets`.
 
     Returns the trainable-parameter and memory report of the adapted model."""
     if adapter_modules(model):
         raise LmlabError("this model already has adapters; merge them (merge_adapters) first")
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    chosen = [n for n in linears if any(matches(n, p) for p in cfg.targets)]
+    adaptable = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, GroupedLinear))}
+    chosen = [n for n in adaptable if any(matches(n, p) for p in cfg.targets)]
     if not chosen:
-        examples = ", ".join(list(linears)[:6])
+        examples = ", ".join(list(adaptable)[:6])
         raise LmlabError(
-            f"adapter.targets {list(cfg.targets)} match no nn.Linear module; "
+            f"adapter.targets {list(cfg.targets)} match no nn.Linear or expert module; "
             f"module names look like: {examples}"
         )
     extra = trainable_base_parameters(model, cfg.trainable)
@@ -97,9 +104,10 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> ParameterReport:
         p.requires_grad_(False)
     for p in extra.values():
         p.requires_grad_(True)
-    cls = DoRALinear if cfg.method == "dora" else LoRALinear
     for name in chosen:
-        _set_submodule(model, name, cls(linears[name], cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
+        base = adaptable[name]
+        cls = ADAPTER_CLASSES[(GroupedLinear if isinstance(base, GroupedLinear) else nn.Linear, cfg.method)]
+        _set_submodule(model, name, cls(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
     model.adapter_config = cfg
     return parameter_report(model, adapted=chosen)
 
@@ -133,10 +141,10 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def strip_adapters(model: nn.Module) -> nn.Module:
-    """Merge and replace every adapter by a plain nn.Linear: the model is then an ordinary
-    `Transformer` that `checkpoint.save_model` exports like any other."""
+    """Merge and replace every adapter by its plain base module: the model is then an
+    ordinary `Transformer` that `checkpoint.save_model` exports like any other."""
     for name, module in adapter_modules(model).items():
-        _set_submodule(model, name, module.to_linear())
+        _set_submodule(model, name, module.to_base())
     if hasattr(model, "adapter_config"):
         del model.adapter_config
     return model

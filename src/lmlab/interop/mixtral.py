@@ -26,7 +26,7 @@ KEYS = KeyMap(ATTENTION_KEYS + [("layers.{i}.mlp.router", "model.layers.{i}.bloc
 FUSED_ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
 FUSED_EXPERTS = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj$")
 EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
-OURS_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.(gate|up|down)_proj$")
+OURS_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
 PROJ = {"w1": "gate", "w3": "up", "w2": "down"}
 WEIGHT = {v: k for k, v in PROJ.items()}
 
@@ -64,11 +64,11 @@ def _fused_from_hf(cfg: ModelConfig, ckpt: HFCheckpoint) -> Tensors:
                 raise LmlabError(f"{name} holds {tensor.shape[0]} experts, but config.json says "
                                  f"num_local_experts={cfg.n_experts}; the checkpoint is inconsistent")
             if m.group(2) == "down":
-                yield f"{prefix}.down_proj", tensor
+                yield f"{prefix}.down_proj.weight", tensor
             else:
                 gate, up = tensor.chunk(2, dim=1)
-                yield f"{prefix}.gate_proj", gate.contiguous()
-                yield f"{prefix}.up_proj", up.contiguous()
+                yield f"{prefix}.gate_proj.weight", gate.contiguous()
+                yield f"{prefix}.up_proj.weight", up.contiguous()
 
 
 def weights_from_hf(cfg: ModelConfig, ckpt: HFCheckpoint) -> Tensors:
@@ -85,7 +85,7 @@ def weights_from_hf(cfg: ModelConfig, ckpt: HFCheckpoint) -> Tensors:
                 f"layer {layer} has {proj} weights for experts {sorted(names)}, but config.json says "
                 f"num_local_experts={cfg.n_experts}; the checkpoint is incomplete"
             )
-        yield f"layers.{layer}.mlp.{proj}_proj", torch.stack([ckpt[names[j]] for j in range(cfg.n_experts)])
+        yield f"layers.{layer}.mlp.{proj}_proj.weight", torch.stack([ckpt[names[j]] for j in range(cfg.n_experts)])
 
 
 def weights_to_hf(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> Tensors:

@@ -7,8 +7,10 @@ sorted by expert, each expert's rows form one contiguous group, and the three pr
 run as grouped matmuls over all groups at once (`torch._grouped_mm`; a padded `bmm` where
 that is unavailable). The outputs are scaled by the routing weights and scatter-added back.
 
-Expert weights are stacked per projection in the (out, in) layout of an `nn.Linear`, so a
-checkpoint's per-expert matrices stack and unstack without transposes.
+Each projection is a `GroupedLinear`: the experts' weights stacked as one (E, out, in)
+`weight`, the layout of an `nn.Linear` per expert, so a checkpoint's per-expert matrices
+stack and unstack without transposes and the state-dict keys (`mlp.gate_proj.weight`) read
+like a dense MLP's. Adapters (`lmlab.adapters`) wrap these modules as they wrap nn.Linear.
 """
 from __future__ import annotations
 
@@ -53,19 +55,35 @@ def _padded_bmm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> 
     return torch.bmm(padded, weight.transpose(1, 2))[expert, slot]
 
 
+class GroupedLinear(nn.Module):
+    """E bias-free linear maps applied to expert-grouped rows: forward(x, counts) multiplies
+    the counts[e] rows of group e by weight[e]^T."""
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return grouped_linear(x, self.weight, counts)
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, in_features={self.in_features}, out_features={self.out_features}"
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         d, hidden, e = cfg.d_model, cfg.layer_ffn(layer), cfg.n_experts
         self.n_experts, self.top_k = e, cfg.top_k
         self.router = nn.Linear(d, e, bias=False)
-        self.gate_proj = nn.Parameter(torch.empty(e, hidden, d))
-        self.up_proj = nn.Parameter(torch.empty(e, hidden, d))
-        self.down_proj = nn.Parameter(torch.empty(e, d, hidden))
+        self.gate_proj = GroupedLinear(e, d, hidden)
+        self.up_proj = GroupedLinear(e, d, hidden)
+        self.down_proj = GroupedLinear(e, hidden, d)
         self.last_stats: dict[str, torch.Tensor] | None = None
 
     def inactive_parameters_per_token(self) -> int:
-        per_expert = (self.gate_proj.numel() + self.up_proj.numel() + self.down_proj.numel()) // self.n_experts
+        per_expert = sum(p.weight.numel() for p in (self.gate_proj, self.up_proj, self.down_proj)) // self.n_experts
         return (self.n_experts - self.top_k) * per_expert
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,8 +102,8 @@ class MoE(nn.Module):
         token = order // self.top_k
         counts = torch.bincount(flat, minlength=self.n_experts)
         rows = x[token]
-        hidden = F.silu(grouped_linear(rows, self.gate_proj, counts)) * grouped_linear(rows, self.up_proj, counts)
-        out = grouped_linear(hidden, self.down_proj, counts) * weights.flatten()[order, None]
+        hidden = F.silu(self.gate_proj(rows, counts)) * self.up_proj(rows, counts)
+        out = self.down_proj(hidden, counts) * weights.flatten()[order, None]
         y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
         self.last_stats = router_stats(logits, counts)
         return y.view(shape)

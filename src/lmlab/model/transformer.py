@@ -12,7 +12,7 @@ from lmlab.model.attention import Attention
 from lmlab.model.cache import KVCache
 from lmlab.model.masks import causal_mask, with_key_padding
 from lmlab.model.mlp import SwiGLU
-from lmlab.model.moe import MoE
+from lmlab.model.moe import GroupedLinear, MoE
 from lmlab.model.norm import RMSNorm
 from lmlab.model.rope import inverse_frequencies, rope_cos_sin
 
@@ -71,19 +71,15 @@ class Transformer(nn.Module):
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, GroupedLinear)):
                 is_out = name.endswith(("o_proj", "down_proj"))
                 nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
-                if module.bias is not None:
+                if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-            elif isinstance(module, MoE):
-                for proj in (module.gate_proj, module.up_proj):
-                    nn.init.normal_(proj, 0.0, std)
-                nn.init.normal_(module.down_proj, 0.0, out_std)
         if self.inv_freq.device.type != "meta":
             self.reset_rope()
 

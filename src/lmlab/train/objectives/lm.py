@@ -48,6 +48,17 @@ def chunked_cross_entropy(model: nn.Module, hidden: torch.Tensor, targets: torch
     return total, count
 
 
+def with_moe_aux_losses(model: nn.Module, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+    """For sparse experts, `loss` plus the router's balancing and z losses of the last
+    forward with the config's weights (their values go into `metrics`); else `loss`."""
+    aux = collect_aux_losses(model)
+    if not aux:
+        return loss
+    cfg = model.config
+    metrics.update({name: value.detach() for name, value in aux.items()})
+    return loss + cfg.moe_aux_loss_weight * aux["moe_aux_loss"] + cfg.moe_z_loss_weight * aux["moe_z_loss"]
+
+
 class LanguageModeling:
     """Mean next-token cross-entropy over targets that are not IGNORE_INDEX."""
 
@@ -64,12 +75,7 @@ class LanguageModeling:
         loss = total / count.clamp(min=1)
         # Tensors, not .item(): a host sync here would break torch.compile's graph.
         metrics = {"loss": loss.detach()}
-        aux = collect_aux_losses(model)
-        if aux:  # sparse experts: add the router's balancing and z losses with the config's weights
-            cfg = model.config
-            loss = loss + cfg.moe_aux_loss_weight * aux["moe_aux_loss"] + cfg.moe_z_loss_weight * aux["moe_z_loss"]
-            metrics.update({name: value.detach() for name, value in aux.items()})
-        return loss, metrics
+        return with_moe_aux_losses(model, loss, metrics), metrics
 
     def weight(self, batch: Any) -> int:
         return int((split_batch(batch)["targets"] != IGNORE_INDEX).sum())

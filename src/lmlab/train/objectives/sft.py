@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from lmlab.data.chat import IGNORE, PAD_DOC
 from lmlab.errors import LmlabError
 from lmlab.model.masks import document_causal_mask, document_positions
+from lmlab.train.objectives.lm import with_moe_aux_losses
 
 
 def packed_logits(model, input_ids: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,8 @@ class SFTObjective:
             trained = targets != IGNORE
             accuracy = (logits.argmax(-1)[trained] == targets[trained]).float().mean()
         # Tensors, not floats: the loop converts once per step (no extra host syncs here).
-        return loss, {"loss": loss.detach(), "answer_tokens": float(n), "token_accuracy": accuracy}
+        metrics = {"loss": loss.detach(), "answer_tokens": float(n), "token_accuracy": accuracy}
+        return with_moe_aux_losses(model, loss, metrics), metrics
 
 
 def answer_exact_match(logits: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
