@@ -36,9 +36,11 @@ def test_proxy_alpha_zero_is_the_base(tmp_path):
 def test_lora_vs_dora_experiment_runs(tmp_path, monkeypatch):
     exp = load("lora_vs_dora")
     monkeypatch.setattr(exp, "PRETRAIN", exp.PRETRAIN + ["train.steps=5"])
-    assert exp.main(["--out", str(tmp_path), "--steps", "2"]) == 0
+    assert exp.main(["--out", str(tmp_path), "--steps", "2", "--lrs", "0.01", "0.03"]) == 0
     table = (tmp_path / "results.md").read_text()
-    assert all(f"| 0 | {m} |" in table for m in ("full", "lora", "dora"))
+    assert all(f"| 0 | {m} | {lr} |" in table for m, lr in (("full", "0.002"), ("lora", "0.01"), ("lora", "0.03"),
+                                                               ("dora", "0.01"), ("dora", "0.03")))
+    assert "| method | best lr |" in table
 
 
 def test_architecture_experiment_runs(tmp_path):
