@@ -203,3 +203,12 @@ def test_token_budget_sets_the_step_count():
     assert TrainConfig(tokens=1000, batch_size=2).total_steps(100) == 5
     assert TrainConfig(tokens=1001, batch_size=2).total_steps(100) == 6
     assert TrainConfig(steps=7).total_steps(100) == 7
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path, monkeypatch):
+    """mkstemp creates owner-only (0600) files; what we write must get open()'s 0666 & ~umask."""
+    import lmlab.io
+
+    monkeypatch.setattr(lmlab.io, "UMASK", 0o022)
+    lmlab.io.write_text_atomic(tmp_path / "x.txt", "hi")
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o644
