@@ -5,7 +5,8 @@ chosen k.
 Dispatch is dropless and has no Python loop over experts: the (token, slot) pairs are
 sorted by expert, each expert's rows form one contiguous group, and the three projections
 run as grouped matmuls over all groups at once (`torch._grouped_mm`; a padded `bmm` where
-that is unavailable). The outputs are scaled by the routing weights and scatter-added back.
+that is unavailable). The outputs return to token order by the inverse permutation and
+each token's k outputs are summed with its routing weights.
 
 Each projection is a `GroupedLinear`: the experts' weights stacked as one (E, out, in)
 `weight`, the layout of an `nn.Linear` per expert, so a checkpoint's per-expert matrices
@@ -28,13 +29,18 @@ def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     return all((n * x.element_size()) % 16 == 0 for n in (x.shape[-1], w.shape[-1], w.shape[-2]))
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an nn.Linear would compute in: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of `x` are grouped by expert (group e has counts[e] rows, in expert order);
     group e is multiplied by weight[e]^T. x: (M, in), weight: (E, out, in) -> (M, out).
     Under autocast both run in the autocast dtype, as an nn.Linear would (autocast does not
     cover the grouped kernel itself)."""
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    dtype = compute_dtype(x)
     x, weight = x.to(dtype), weight.to(dtype)
     if _grouped_mm_usable(x, weight):
         out = torch._grouped_mm(x, weight.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
@@ -96,17 +102,24 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        n = x.shape[0]
         logits, experts, weights = self.route(x)
         flat = experts.flatten()  # (N * k,): slot j of token t sits at t * k + j
         order = flat.argsort(stable=True)
-        token = order // self.top_k
         counts = torch.bincount(flat, minlength=self.n_experts)
-        rows = x[token]
+        # Cast before gathering: under autocast the k copies of each row move in 16 bits.
+        rows = x.to(compute_dtype(x)).index_select(0, order // self.top_k)
         hidden = F.silu(self.gate_proj(rows, counts)) * self.up_proj(rows, counts)
-        out = self.down_proj(hidden, counts) * weights.flatten()[order, None]
-        y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+        out = self.down_proj(hidden, counts)  # expert-sorted rows
+        # Back to (token, slot) order by the inverse permutation, then every token's
+        # routing-weighted sum over its k slots as one batched product. This replaces a
+        # scatter-add (index_add_), whose forward and backward cost more on CPU.
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        slots = out.index_select(0, inverse).view(n, self.top_k, -1)
+        y = torch.bmm(weights.to(slots.dtype).unsqueeze(1), slots).squeeze(1)
         self.last_stats = router_stats(logits, counts)
-        return y.view(shape)
+        return y.to(x.dtype).view(shape)
 
 
 def router_stats(logits: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
