@@ -77,13 +77,16 @@ def test_lora_finetune_of_a_moe_adapts_the_experts(tmp_path):
     model = build_model(replace(CFG, ffn_hidden=32, n_experts=4, top_k=2, moe_aux_loss_weight=0.01))
     base = {k: v.clone() for k, v in model.state_dict().items()}
     seen = []
-    finetune(model, TOK, recipe(tmp_path, "lora", steps=4), tmp_path / "run", log=seen.append)
+    cfg = recipe(tmp_path, "lora", steps=4)
+    cfg = replace(cfg, train=replace(cfg.train, eval_every=2))
+    finetune(model, TOK, cfg, tmp_path / "run", log=seen.append)
     assert any("adapted modules: 8" in line for line in seen)  # q, v, up, down in 2 layers
     merged = load_model(tmp_path / "run" / "model")
     assert not torch.equal(merged.state_dict()["layers.0.mlp.down_proj.weight"], base["layers.0.mlp.down_proj.weight"])
     assert torch.equal(merged.state_dict()["layers.0.mlp.router.weight"], base["layers.0.mlp.router.weight"])
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("moe_aux_loss" in m for m in metrics)
+    assert any("val_loss" in m for m in metrics)  # periodic validation on the held-out chat rows
     again = build_model(merged.config)
     again.load_state_dict(base)
     load_adapter(again, tmp_path / "run" / "adapter")

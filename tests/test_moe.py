@@ -184,3 +184,22 @@ def test_mixtral_parameter_counts(name, total, active):
     counts = parameter_counts(get_preset(name))
     assert abs(counts["total"] - total) / total < 0.005
     assert abs(counts["active"] - active) / active < 0.005
+
+
+def test_validation_loss_leaves_out_the_router_losses():
+    """evaluate() reports the task loss: a MoE's balancing and z losses regularise training
+    but must not inflate its validation loss against a dense model's."""
+    from lmlab.train.config import TrainConfig
+    from lmlab.train.loop import evaluate
+
+    torch.manual_seed(0)
+    cfg = get_preset("nano").replace(n_experts=4, top_k=2, ffn_hidden=32, moe_aux_loss_weight=1.0,
+                                     moe_z_loss_weight=1.0)
+    model = build_model(cfg)
+    batch = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        total, _ = LanguageModeling()(model, batch)
+        ce = torch.nn.functional.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+    assert total > ce + 0.5  # the objective does add the router losses (weights 1.0)
+    got = evaluate(model, LanguageModeling(), [batch], TrainConfig(), torch.device("cpu"))
+    assert abs(got - float(ce)) < 1e-5

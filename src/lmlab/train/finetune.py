@@ -29,7 +29,7 @@ from lmlab.data.chat import (
 from lmlab.errors import LmlabError
 from lmlab.io import write_json_atomic
 from lmlab.train.config import TrainConfig
-from lmlab.train.data import ShuffledBatches
+from lmlab.train.data import FixedBatches, ShuffledBatches
 from lmlab.train.loop import TrainResult, evaluate, train
 from lmlab.train.objectives.sft import SFTObjective, answer_exact_match, packed_logits
 
@@ -156,8 +156,11 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, run_dir: str | Pa
     if cfg.method == "full" and cfg.full_lr is not None:
         train_cfg = replace(train_cfg, lr=cfg.full_lr)
     source = ShuffledBatches(ChatDataset(train_rows), seed=cfg.train.seed, collate=collate_rows)
-    result = train(model, objective, source, train_cfg, run_dir, tokenizer=tokenizer, resume=resume,
-                   extra={"finetune": {"method": cfg.method, "adapter": asdict(cfg.adapter)}})
+    # Periodic validation (train.eval_every) on the held-out rows, logged with the metrics.
+    val_batches = (FixedBatches(ChatDataset(val_rows), train_cfg.micro, train_cfg.eval_batches, collate_rows)
+                   if val_rows is not None else None)
+    result = train(model, objective, source, train_cfg, run_dir, val_data=val_batches, tokenizer=tokenizer,
+                   resume=resume, extra={"finetune": {"method": cfg.method, "adapter": asdict(cfg.adapter)}})
 
     val_loss = em = None
     if val_rows is not None:

@@ -100,16 +100,18 @@ def _nonfinite_error(what: str, value: float, step: int, cfg: TrainConfig) -> Lm
 
 def evaluate(model: nn.Module, objective: Objective, batches, cfg: TrainConfig,
              device: torch.device) -> float:
-    """Weighted mean loss over `batches` (the same weighting as training)."""
+    """Weighted mean loss over `batches` (the same weighting as training). The objective's
+    `loss` metric is used where it reports one: the task loss without regularisers such as
+    a MoE router's auxiliary losses, so models with and without them compare fairly."""
     was_training = model.training
     model.eval()
     total = weight = 0.0
     with torch.no_grad(), autocast(cfg, device):
         for batch in batches:
             batch = to_device(batch, device)
-            loss, _ = objective(model, batch)
+            loss, metrics = objective(model, batch)
             w = batch_weight(objective, batch)
-            total += float(loss) * w
+            total += float(metrics.get("loss", loss)) * w
             weight += w
     model.train(was_training)
     return total / max(weight, 1)
@@ -146,7 +148,8 @@ def train(model: nn.Module, objective: Objective, data: Any, cfg: TrainConfig,
 
     data: a dataset (`len`, `[i]` -> example; stacked into batches) or a batch source
         with `next_batch(n)` and `state_dict()`/`load_state_dict()` (see `lmlab.train.data`).
-    val_data: a dataset for periodic validation loss (the first eval_batches batches).
+    val_data: a dataset for periodic validation loss (the first eval_batches batches), or
+        a ready `FixedBatches` (e.g. with a collate for dict rows).
     resume: continue from the newest checkpoint in `run_dir/checkpoints`.
     seq_len: tokens per example, needed when `cfg.tokens` sets the length (default:
         `data.seq_len` if the dataset has one).
@@ -179,7 +182,10 @@ def train(model: nn.Module, objective: Objective, data: Any, cfg: TrainConfig,
         torch.manual_seed(cfg.seed)
 
     has_val = val_data is not None and len(val_data) > 0
-    val_batches = FixedBatches(val_data, cfg.micro, cfg.eval_batches) if has_val else None
+    val_batches = None
+    if has_val:  # a dataset of stackable rows, or FixedBatches built with its own collate
+        val_batches = val_data if isinstance(val_data, FixedBatches) else FixedBatches(
+            val_data, cfg.micro, cfg.eval_batches)
     forward = torch.compile(objective.__call__) if cfg.compile else objective
     log = MetricsLog(run_dir / METRICS_FILE, start if resume else None)
     params = [p for g in optimizer.param_groups for p in g["params"]]
