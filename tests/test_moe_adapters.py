@@ -31,16 +31,17 @@ SMALL_MOE = replace(get_preset("micro-moe"), vocab_size=128, d_model=64, n_layer
                     ffn_hidden=48, n_experts=6)
 
 
-@pytest.fixture()
-def pair(tmp_path):
-    """transformers' Mixtral with peft LoRA on q_proj and on every expert stack, and our
-    converted model with the same adapter values (random, so no gradient vanishes)."""
+@pytest.fixture(params=[False, True], ids=["lora", "rslora"])
+def pair(tmp_path, request):
+    """transformers' Mixtral with peft LoRA (or rsLoRA) on q_proj and on every expert stack,
+    and our converted model with the same adapter values (random, so no gradient vanishes)."""
     from lmlab.interop.hf import load_hf_model
 
     hf = tiny_mixtral()
     hf.save_pretrained(tmp_path)
     ours = load_hf_model(tmp_path).eval()
-    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"],
+    rslora = request.param
+    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"], use_rslora=rslora,
                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     theirs = peft.get_peft_model(hf, cfg).eval()
     gen = torch.Generator().manual_seed(7)
@@ -48,7 +49,8 @@ def pair(tmp_path):
         for name, p in theirs.named_parameters():
             if "lora_" in name:
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    apply_adapters(ours, AdapterConfig(r=R, alpha=ALPHA, targets=("q_proj", "gate_proj", "up_proj", "down_proj")))
+    apply_adapters(ours, AdapterConfig(r=R, alpha=ALPHA, rslora=rslora,
+                                       targets=("q_proj", "gate_proj", "up_proj", "down_proj")))
     with torch.no_grad():
         for name, tensor in expert_adapters_from_peft(theirs, ours.config).items():
             ours.get_parameter(name).copy_(tensor)
