@@ -203,3 +203,27 @@ def test_validation_loss_leaves_out_the_router_losses():
     assert total > ce + 0.5  # the objective does add the router losses (weights 1.0)
     got = evaluate(model, LanguageModeling(), [batch], TrainConfig(), torch.device("cpu"))
     assert abs(got - float(ce)) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_compiled_moe_matches_eager(precision):
+    """torch.compile traces _grouped_mm with a bf16-only shape function: float32 must take
+    the padded-bmm path when compiling, and both must give eager's outputs and gradients."""
+    import contextlib
+
+    cfg = get_preset("nano").replace(n_experts=4, top_k=2, ffn_hidden=32)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    grads = []
+    for m in (model, torch.compile(model)):
+        with ctx():
+            out = m(ids).float()
+        out.sum().backward()
+        grads.append((out.detach(), model.layers[0].mlp.gate_proj.weight.grad.clone()))
+        model.zero_grad()
+    tol = 1e-5 if precision == "float32" else 2e-2
+    assert max_diff(grads[0][0], grads[1][0]) <= tol
+    assert max_diff(grads[0][1], grads[1][1]) <= tol * 10

@@ -25,6 +25,10 @@ from lmlab.config import ModelConfig
 def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
+    # The eager kernels take any float dtype (bf16 fast path, per-group mm otherwise), but
+    # the shape function torch.compile traces with accepts bf16 only.
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False
     # The kernel needs 16-byte aligned rows (e.g. bf16 widths that are multiples of 8).
     return all((n * x.element_size()) % 16 == 0 for n in (x.shape[-1], w.shape[-1], w.shape[-2]))
 
