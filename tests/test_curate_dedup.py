@@ -59,11 +59,10 @@ def test_minhash_estimates_match_exact_jaccard_and_datasketch():
 
 
 def test_near_duplicates_caught_above_threshold_and_kept_below():
-    docs, above, below = [], set(), set()
+    docs = []
     for t in range(10):
         a, b = pair_with_jaccard(t, 100, 98)        # J = 98/102 ≈ 0.96 > 0.8
         docs += [{"id": f"hi{t}a", "text": a}, {"id": f"hi{t}b", "text": b}]
-        above.add(t)
         a, b = pair_with_jaccard(t + 100, 100, 70)  # J = 70/130 ≈ 0.54 < 0.8
         docs += [{"id": f"lo{t}a", "text": a}, {"id": f"lo{t}b", "text": b}]
     step = StepReport("dedup")

@@ -12,11 +12,10 @@ from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.model.transformer import build_model
 
-pytest.importorskip("lmlab.train.loop")  # the shared training loop (loop helper)
-from lmlab.train.finetune import FinetuneConfig, finetune  # noqa: E402
-from lmlab.adapters import AdapterConfig, apply_adapters, load_adapter  # noqa: E402
+from lmlab.adapters import load_adapter
+from lmlab.train.finetune import FinetuneConfig, finetune
 
-from chartok import CharTokenizer  # noqa: E402
+from chartok import CharTokenizer
 
 TOK = CharTokenizer()
 CFG = ModelConfig(name="t", vocab_size=TOK.vocab_size, d_model=32, n_layers=2, n_heads=4,
