@@ -19,6 +19,7 @@ import statistics
 from pathlib import Path
 
 from lmlab.io import write_text_atomic
+from lmlab.hub import load_model
 from lmlab.pipeline import load_recipe, run_pipeline
 from lmlab.summary import parameter_counts, training_flops_per_token
 from lmlab.train.plot import plot_val_vs_flops, read_metrics
@@ -38,13 +39,14 @@ def run_arm(arm: str, recipe_file: str, seed: int, out: Path, tokenizer: Path | 
     sets = [*overrides, f"train.seed={seed}"] + ([f"data.tokenizer={tokenizer}"] if tokenizer else [])
     recipe, raw = load_recipe(HERE / recipe_file, sets)
     run_dir = out / f"{arm}-seed{seed}"
-    cfg = run_pipeline(recipe, run_dir, raw=raw).artifacts["model"].config
+    pretrain = run_pipeline(recipe, run_dir, raw=raw).path("pretrain")
+    cfg = load_model(pretrain / "model").config
     counts = parameter_counts(cfg)
     tokens_per_step = recipe.train.batch_size * recipe.data.seq_len
-    records = read_metrics(run_dir)
+    records = read_metrics(pretrain)
     val = [r for r in records if "val_loss" in r]
     last = [r for r in records if "loss" in r][-1]
-    return {"arm": arm, "seed": seed, "run": str(run_dir), "total": counts["total"], "active": counts["active"],
+    return {"arm": arm, "seed": seed, "run": str(pretrain), "total": counts["total"], "active": counts["active"],
             "flops_per_step": training_flops_per_token(cfg, recipe.data.seq_len) * tokens_per_step,
             "steps": last["step"], "val_loss": val[-1]["val_loss"] if val else None,
             "train_loss": last["loss"], "tokens_per_s": last["tokens_per_s"],
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for arm, recipe_file in arms.items():
             rows.append(run_arm(arm, recipe_file, seed, out, tokenizer, args.set))
-            tokenizer = tokenizer or Path(rows[-1]["run"]) / "tokenizer.json"
+            tokenizer = tokenizer or Path(rows[-1]["run"]).parent / "tokenizer" / "tokenizer.json"
     plot_val_vs_flops({arm: [(r["run"], r["flops_per_step"]) for r in rows if r["arm"] == arm] for arm in arms},
                       out / "val_vs_flops.png", title=title)
     table = results_table(rows)

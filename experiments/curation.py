@@ -76,7 +76,7 @@ def heldout_loss(model, tok, texts: list[str], seq_len: int, batch_size: int = 1
 def train_and_compare(out: Path, heldout: list[str], tokens: int, overrides: list[str]) -> dict:
     """Pretrain the same model on raw.jsonl and curated.jsonl for the same number of tokens,
     with one tokenizer (trained on the raw pool), and score both on the clean held-out text."""
-    from lmlab.checkpoint import load_model
+    from lmlab.hub import load_model
     from lmlab.pipeline import load_recipe, run_pipeline
     from lmlab.tokenizer import train_tokenizer
 
@@ -88,7 +88,7 @@ def train_and_compare(out: Path, heldout: list[str], tokens: int, overrides: lis
         recipe, raw = load_recipe(None, [*overrides, f"name=curation-{name}", f"data.source={out / name}.jsonl",
                                          f"data.tokenizer={out / 'tokenizer.json'}", f"train.tokens={tokens}"])
         run_pipeline(recipe, out / f"run-{name}", raw=raw, stages=("tokenizer", "shards", "pretrain"))
-        model = load_model(out / f"run-{name}" / "model")
+        model = load_model(out / f"run-{name}" / "pretrain" / "model")
         results[name] = {"heldout_loss": round(heldout_loss(model, tok, heldout, recipe.data.seq_len), 4),
                          "train_tokens": tokens}
     return results

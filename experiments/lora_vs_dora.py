@@ -21,9 +21,11 @@ from pathlib import Path
 
 from lmlab.config import load_yaml
 from lmlab.io import write_text_atomic
+from lmlab.hub import load_model
 from lmlab.pipeline import load_recipe, run_pipeline
+from lmlab.tokenizer import Tokenizer
 from lmlab.train.config import apply_overrides
-from lmlab.train.finetune import FinetuneConfig, compare_methods
+from lmlab.stages.sft import FinetuneConfig, compare_methods
 from lmlab.worlds.export import export_world
 
 RECIPE = Path(__file__).resolve().parents[1] / "src" / "lmlab" / "recipes" / "finetune-sort.yaml"
@@ -40,12 +42,12 @@ def run_seed(seed: int, out: Path, steps: int, lrs: list[float]) -> list[dict]:
     export_world("sort", world, seed=seed, n=2000)
     recipe, raw = load_recipe(None, PRETRAIN + [f"data.source={world / 'corpus.jsonl'}", f"train.seed={seed}",
                                                  f"name=sort-base-{seed}"])
-    ctx = run_pipeline(recipe, out / f"seed{seed}" / "base", raw=raw)
+    base_dir = run_pipeline(recipe, out / f"seed{seed}" / "base", raw=raw).path("pretrain") / "model"
     data = apply_overrides(load_yaml(RECIPE), [f"data.train={world / 'sft.jsonl'}", f"train.steps={steps}",
                                                f"train.seed={seed}"])
-    cfg = FinetuneConfig.from_dict({**data, "base": str(out / f"seed{seed}" / "base" / "model"),
+    cfg = FinetuneConfig.from_dict({**data, "base": str(base_dir),
                                     "out": str(out / f"seed{seed}" / "sft")})
-    base, tok = ctx.artifacts["model"], ctx.artifacts["tokenizer"]
+    base, tok = load_model(base_dir), Tokenizer.load(base_dir)
     if not lrs:
         return [{"seed": seed, **r} for r in compare_methods(base, tok, cfg, cfg.out)]
     rows = compare_methods(base, tok, cfg, Path(cfg.out) / "full", methods=("full",))

@@ -242,7 +242,8 @@ def test_trainable_base_parameters_train_and_travel_with_the_adapter(tmp_path):
 
 
 def test_cli_adapter_merge_writes_a_plain_model(tmp_path):
-    from lmlab.checkpoint import load_model, save_model
+    from lmlab.checkpoint import save_model
+    from lmlab.hub import load_model
     from lmlab.cli import main
 
     base = build_model(CFG)

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
 from lmlab.data.chat import (
-    IGNORE, PAD_DOC, Conversation, JinjaTemplate, RoleTokenTemplate, encode_conversations, one_per_row,
+    IGNORE_INDEX, PAD_DOC, Conversation, JinjaTemplate, RoleTokenTemplate, encode_conversations, one_per_row,
     pack_examples, read_chat_jsonl,
 )
 from lmlab.errors import LmlabError
 from lmlab.model.transformer import build_model
-from lmlab.train.objectives.sft import SFTObjective, packed_logits
+from lmlab.data.chat import with_document_masks
+from lmlab.train.objectives.lm import LanguageModeling
 
 from chartok import CharTokenizer
 
@@ -32,10 +33,10 @@ def test_our_template_masks_everything_but_answers_and_their_end():
                               ("user", "again"), ("assistant", "ok")))
     assert TOK.decode(ex.ids) == ("<|bos|><|system|>be brief<|end|><|user|>hi<|end|>"
                                   "<|assistant|>yo<|end|><|user|>again<|end|><|assistant|>ok<|end|>")
-    trained = TOK.decode([t for t in ex.labels if t != IGNORE])
+    trained = TOK.decode([t for t in ex.labels if t != IGNORE_INDEX])
     assert trained == "yo<|end|>ok<|end|>"
     # Every trained label sits exactly on the same id (labels are aligned with ids).
-    assert all(lab in (IGNORE, i) for i, lab in zip(ex.ids, ex.labels))
+    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ex.ids, ex.labels))
     assert TOK.decode(template.encode_prompt([{"role": "user", "content": "hi"}])) == \
         "<|bos|><|user|>hi<|end|><|assistant|>"
 
@@ -97,7 +98,7 @@ def test_stored_jinja_template_renders_like_transformers_and_masks_answers(tmp_p
         hf.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
     ex = template.encode(Conversation(tuple(messages)))
     assert TOK.decode(ex.ids) == expected
-    assert TOK.decode([t for t in ex.labels if t != IGNORE]) == "a1</s>a2</s>"
+    assert TOK.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "a1</s>a2</s>"
 
 
 def test_packing_isolates_conversations():
@@ -112,9 +113,13 @@ def test_packing_isolates_conversations():
     assert packed["input_ids"].shape == (1, 48)
     n1, n2 = len(first.ids) - 1, len(second.ids) - 1
     assert packed["doc_ids"][0, :n1].eq(0).all() and packed["doc_ids"][0, n1:n1 + n2].eq(1).all()
+    def packed_logits(rows):
+        b = with_document_masks(rows)
+        return model(b["input_ids"], positions=b["positions"], attn_mask=b["attn_mask"])
+
     with torch.no_grad():
-        in_pack = packed_logits(model, packed["input_ids"], packed["doc_ids"])[0, n1:n1 + n2]
-        by_itself = packed_logits(model, alone["input_ids"], alone["doc_ids"])[0, :n2]
+        in_pack = packed_logits(packed)[0, n1:n1 + n2]
+        by_itself = packed_logits(alone)[0, :n2]
         plain = model(torch.tensor([second.ids[:-1]]))[0]
     torch.testing.assert_close(in_pack, by_itself, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(by_itself, plain, atol=1e-5, rtol=1e-5)
@@ -134,28 +139,27 @@ def test_sft_loss_is_cross_entropy_on_answer_tokens_only():
     template = RoleTokenTemplate(TOK)
     examples = [template.encode(conv(("user", "hello"), ("assistant", "world"))),
                 template.encode(conv(("user", "a"), ("assistant", "bc")))]
-    batch = one_per_row(examples, seq_len=20, pad_id=TOK.pad_id)
-    loss, metrics = SFTObjective()(model, batch)
+    batch = with_document_masks(one_per_row(examples, seq_len=20, pad_id=TOK.pad_id))
+    objective = LanguageModeling(accuracy=True)
+    loss, metrics = objective(model, batch)
     # Hand-built reference: each conversation alone, unpadded; CE at answer positions.
     total, count = 0.0, 0
     for ex in examples:
         logits = model(torch.tensor([ex.ids[:-1]]))[0]
         for pos, label in enumerate(ex.labels[1:]):
-            if label != IGNORE:
+            if label != IGNORE_INDEX:
                 total += F.cross_entropy(logits[pos], torch.tensor(label)).item()
                 count += 1
-    assert metrics["answer_tokens"] == count == len("world") + 1 + len("bc") + 1
-    objective = SFTObjective()
-    assert objective.weight(batch) == count
+    assert objective.weight(batch) == count == len("world") + 1 + len("bc") + 1
     assert objective.tokens(batch) == sum(len(ex.ids) - 1 for ex in examples)
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
 
 
 def test_answer_exact_match_by_hand():
-    from lmlab.train.objectives.sft import answer_exact_match
+    from lmlab.eval.answers import answer_exact_match
 
     # One row, two conversations (doc 0: answer at positions 1-2, doc 1: answer at 4), padding.
-    targets = torch.tensor([[IGNORE, 3, 4, IGNORE, 5, IGNORE]])
+    targets = torch.tensor([[IGNORE_INDEX, 3, 4, IGNORE_INDEX, 5, IGNORE_INDEX]])
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, PAD_DOC]])
     predicted = torch.tensor([[9, 3, 4, 9, 6, 9]])  # doc 0 right (prompt positions ignored), doc 1 wrong
     logits = F.one_hot(predicted, 10).float()
@@ -169,5 +173,5 @@ def test_our_template_with_a_trained_lmlab_tokenizer():
     template = RoleTokenTemplate(tok)
     ex = template.encode(conv(("user", "sort: c a b"), ("assistant", "a b c")))
     assert tok.decode(ex.ids) == "<|bos|><|user|>sort: c a b<|end|><|assistant|>a b c<|end|>"
-    assert tok.decode([t for t in ex.labels if t != IGNORE]) == "a b c<|end|>"
+    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "a b c<|end|>"
     assert template.stop_ids == [tok.token_to_id("<|end|>")]

@@ -1,30 +1,61 @@
-"""Recipe loading, overrides and the checks made before any training starts."""
+"""Recipes, the stage runner (markers, --resume/--only/--from/--skip) and the stages end to
+end on a tiny run; the checks made before any stage runs."""
+import json
+
 import pytest
+import torch
 
 from lmlab.errors import LmlabError
-from lmlab.pipeline import STAGES, load_recipe, model_config_for, run_pipeline, stage, unique_run_dir
+from lmlab.pipeline import MARKER, load_recipe, run_pipeline, stage_hashes, unique_run_dir
+from lmlab.stages.pretrain import model_config_for
+
+TINY = [
+    "data.vocab_size=300", "data.seq_len=32", "data.val_fraction=0.1",
+    "model={preset: nano, n_layers: 1, max_seq_len: 64}",
+    "train={steps: 4, batch_size: 4, log_every: 1, progress: false, precision: float32, checkpoint_every: 2}",
+    "sample.max_new_tokens=4", "world.n=40", "eval.prompts=4", "eval.max_new_tokens=8",
+    "sft.train={steps: 4, batch_size: 4, progress: false, precision: float32, checkpoint_every: 2}",
+    "sft.data.seq_len=64",
+]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"sort the list {i} then {i + 1} and {i * 7 % 11}: done." for i in range(200)))
+    return [*TINY, f"data.source={corpus}"]
+
+
+def quiet(*_):
+    pass
 
 
 def test_default_recipe_loads_and_overrides_apply():
     recipe, raw = load_recipe(None, ["train.lr=1e-3", "model.n_layers=2", "data.seq_len=64"])
     assert recipe.train.lr == 1e-3 and recipe.data.seq_len == 64
     assert recipe.model["n_layers"] == 2 and raw["model"]["n_layers"] == 2
-    assert list(recipe.stages) == ["tokenizer", "shards", "pretrain", "sample", "sft"]
+    assert list(recipe.stages) == ["tokenizer", "shards", "pretrain", "sample", "world", "sft", "eval"]
+    # The default follows the hardware; the chat tokens' rows train in the sft stage.
+    assert recipe.train.precision == "auto" and recipe.sft.train.precision == "auto"
+    assert recipe.sft.adapter.trainable == ("embed", "lm_head")
 
 
 @pytest.mark.parametrize("override, closest", [
     ("train.warmup=5", "warmup_steps"), ("data.seqlen=64", "seq_len"), ("model.n_layer=2", "n_layers"),
+    ("sft.methd=lora", "method"), ("train.precision=bf17", "precision"),
 ])
 def test_typos_name_the_closest_key(override, closest):
     with pytest.raises(LmlabError, match=closest):
         load_recipe(None, [override])
 
 
-def test_recipe_file_typo(tmp_path):
+def test_recipe_file_typo_and_unknown_stage(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("name: x\ntrian: {lr: 1.0}\n")
     with pytest.raises(LmlabError, match="train"):
         load_recipe(path)
+    with pytest.raises(LmlabError, match="unknown pipeline stage"):
+        load_recipe(None, ["stages=[tokenizer, nope]"])
 
 
 def test_model_takes_the_tokenizer_vocab_and_checks_context():
@@ -36,21 +67,6 @@ def test_model_takes_the_tokenizer_vocab_and_checks_context():
         model_config_for("micro", 3000, 1024)
 
 
-def test_stages_are_pluggable_and_unknown_ones_rejected(tmp_path):
-    @stage("test-echo")
-    def echo(ctx):
-        ctx.artifacts["seen"] = ctx.recipe.name
-
-    try:
-        recipe, raw = load_recipe(None, ["name=abc"])
-        ctx = run_pipeline(recipe, tmp_path / "r", stages=("test-echo",), raw=raw, echo=lambda s: None)
-        assert ctx.artifacts["seen"] == "abc" and (tmp_path / "r/recipe.yaml").is_file()
-        with pytest.raises(LmlabError, match="unknown pipeline stage"):
-            run_pipeline(recipe, tmp_path / "r", stages=("nope",))
-    finally:
-        STAGES.pop("test-echo")
-
-
 def test_unique_run_dir_never_reuses(tmp_path):
     assert unique_run_dir(tmp_path, "a") == tmp_path / "a"
     (tmp_path / "a").mkdir()
@@ -58,68 +74,91 @@ def test_unique_run_dir_never_reuses(tmp_path):
     assert unique_run_dir(tmp_path, "a") == tmp_path / "a-3"
 
 
-def test_pretrain_stage_writes_a_loadable_model_metrics_and_plot(tmp_path):
-    # The stage with in-memory artifacts (tokenizer/shards stages are tested with their modules).
-    import json
-
-    import torch
-
-    from lmlab.checkpoint import load_model
-    from lmlab.pipeline import Context
-
-    class Tok:
-        vocab_size = 40
-
-        def save(self, path):
-            open(path, "w").write("{}")
-
-    class Seqs(list):
-        seq_len = 16
-
-    g = torch.Generator().manual_seed(0)
-    data = Seqs(torch.randint(0, 40, (12, 17), generator=g))
-    recipe, _ = load_recipe(None, ["model={preset: nano, max_seq_len: 16, n_layers: 1}",
-                                    "train={steps: 3, batch_size: 4, log_every: 1, progress: false}"])
-    ctx = Context(tmp_path, recipe, echo=lambda s: None,
-                  artifacts={"tokenizer": Tok(), "train_data": data, "val_data": Seqs(data[:4])})
-    STAGES["pretrain"](ctx)
-    model = load_model(tmp_path / "model")
-    assert model.config.vocab_size == 40 and model.config.n_layers == 1
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3]
-    assert any("val_loss" in l for l in lines)
-    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "checkpoints/step-3/tokenizer.json").is_file()
+def test_hashes_follow_settings_and_upstream():
+    base, _ = load_recipe(None)
+    changed, _ = load_recipe(None, ["train.lr=1e-4"])
+    quieter, _ = load_recipe(None, ["train.log_every=50", "train.progress=false"])
+    a, b, c = stage_hashes(base), stage_hashes(changed), stage_hashes(quieter)
+    assert a["tokenizer"] == b["tokenizer"] and a["world"] == b["world"]
+    # pretrain changed, and so did every stage downstream of it; reporting settings are not hashed
+    assert all(a[s] != b[s] for s in ("pretrain", "sample", "sft", "eval"))
+    assert a == c
 
 
-def test_rerun_without_resume_is_refused_before_any_stage(tmp_path):
-    (tmp_path / "checkpoints/step-1").mkdir(parents=True)
-    (tmp_path / "checkpoints/step-1/trainer.json").write_text("{}")
-    (tmp_path / "checkpoints/step-1/config.json").write_text("{}")
-    recipe, _ = load_recipe(None)
+def test_tiny_run_end_to_end_then_resume_skip_only(tmp_path, tiny):
+    from lmlab.hub import load_model
+
+    recipe, raw = load_recipe(None, tiny)
+    run = tmp_path / "run"
+    result = run_pipeline(recipe, run, raw=raw, echo=quiet)
+    assert result.ran == list(recipe.stages)
+    for name in recipe.stages:
+        assert json.loads((run / name / MARKER).read_text())["stage"] == name
+    assert (run / "tokenizer/tokenizer.json").is_file() and (run / "shards/manifest.json").is_file()
+    records = [json.loads(line) for line in (run / "pretrain/metrics.jsonl").read_text().splitlines()]
+    assert records[0]["precision"] == "float32"  # the run log names the precision
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert (run / "pretrain/loss.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((run / "eval/world_eval.json").read_text())
+    assert summary["generated"] == 4 and summary["steps"] == 4 and summary["precision"] == "float32"
+    assert 0 <= summary["gold_reward_sparse"] <= 1
+
+    # The adapter alone opens as base + adapter and equals the merged model; so does a LoRA
+    # step checkpoint (saved with its adapters still injected).
+    x = torch.randint(0, 300, (1, 8))
+    merged = load_model(run / "sft/model")
+    for other in (run / "sft/adapter", run / "sft/checkpoints/step-4"):
+        torch.testing.assert_close(load_model(other)(x), merged(x), atol=1e-5, rtol=1e-5)
+    assert load_model(run / "sft/checkpoints/step-2").config == merged.config
+
+    # --resume with nothing changed skips everything.
+    again = run_pipeline(recipe, run, resume=True, raw=raw, echo=quiet)
+    assert again.ran == [] and again.skipped == list(recipe.stages)
+    # A changed sample setting reruns sample alone.
+    changed, raw2 = load_recipe(None, [*tiny, "sample.temperature=0.5"])
+    assert run_pipeline(changed, run, resume=True, raw=raw2, echo=quiet).ran == ["sample"]
+    # --only reruns the named stage, --skip leaves one out.
+    assert run_pipeline(recipe, run, only=("eval",), echo=quiet).ran == ["eval"]
+    assert run_pipeline(recipe, run, start="sft", skip=("eval",), echo=quiet).ran == ["sft"]
+    # Without --resume an existing run is refused before anything is written.
+    before = (run / "eval/world_eval.json").read_bytes()
     with pytest.raises(LmlabError, match="--resume"):
-        run_pipeline(recipe, tmp_path, echo=lambda s: None)
-    assert not (tmp_path / "tokenizer.json").exists()
+        run_pipeline(recipe, run, echo=quiet)
+    assert (run / "eval/world_eval.json").read_bytes() == before
 
 
-def test_sft_stage_tunes_on_the_world_and_scores_with_the_gold_reward(tmp_path):
-    import json
+def test_stage_needing_an_incomplete_one_is_refused(tmp_path, tiny):
+    recipe, _ = load_recipe(None, tiny)
+    with pytest.raises(LmlabError, match="'tokenizer'.*not complete"):
+        run_pipeline(recipe, tmp_path / "r", only=("sample",), echo=quiet)
+    assert not (tmp_path / "r").exists()
 
-    from lmlab.config import get_preset
-    from lmlab.model import build_model
-    from lmlab.pipeline import Context
-    from lmlab.tokenizer import train_tokenizer
-    from lmlab.worlds.sort import sample_tasks
 
-    tok = train_tokenizer([t.prompt + " " + t.ideal for t in sample_tasks(200, seed=1)], vocab_size=300)
-    model = build_model(get_preset("nano").replace(vocab_size=tok.vocab_size, max_seq_len=64))
-    recipe, _ = load_recipe(None, ["data.seq_len=64", "sft.n=40", "sft.eval_prompts=4",
-                                    "sft.train={steps: 2, batch_size: 4, progress: false}"])
-    ctx = Context(tmp_path, recipe, echo=lambda s: None, artifacts={"tokenizer": tok, "model": model})
-    STAGES["sft"](ctx)
-    summary = json.loads((tmp_path / "sft" / "world_eval.json").read_text())
-    assert summary["generated"] == 4 and summary["steps"] == 2
-    # the gold reward of a perfect answer is 1 (docs/worlds.md); these are bounded scores
-    assert -10 < summary["gold_reward_dense"] <= 1 and 0 <= summary["gold_reward_sparse"] <= 1
-    assert (tmp_path / "sft" / "adapter" / "adapter.safetensors").is_file()
-    assert (tmp_path / "sft" / "model" / "config.json").is_file()
+def test_a_directory_of_other_files_is_never_used(tmp_path):
+    (tmp_path / "mine.txt").write_text("user data")
+    recipe, _ = load_recipe(None)
+    for kwargs in ({}, {"only": ("tokenizer",)}):
+        with pytest.raises(LmlabError, match="not an lmlab run"):
+            run_pipeline(recipe, tmp_path, echo=quiet, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_failed_stage_keeps_finished_ones_and_resume_continues(tmp_path, tiny, monkeypatch):
+    import lmlab.stages.world as world
+
+    recipe, raw = load_recipe(None, tiny)
+    run = tmp_path / "run"
+
+    def broken(ctx):
+        raise LmlabError("the world stage failed on purpose")
+
+    real = world.run
+    monkeypatch.setattr(world, "run", broken)
+    with pytest.raises(LmlabError, match="on purpose"):
+        run_pipeline(recipe, run, raw=raw, echo=quiet)
+    done = {p.parent.name for p in run.glob(f"*/{MARKER}")}
+    assert done == {"tokenizer", "shards", "pretrain", "sample"}
+    monkeypatch.setattr(world, "run", real)
+    result = run_pipeline(recipe, run, resume=True, raw=raw, echo=quiet)
+    assert result.skipped == ["tokenizer", "shards", "pretrain", "sample"]
+    assert result.ran == ["world", "sft", "eval"]

@@ -7,8 +7,9 @@ __version__ = "0.1.0"
 
 
 def load_model(path, device="cpu", dtype=None):
-    """Load an lmlab checkpoint directory (or a Hugging Face one) as a Transformer."""
-    from lmlab.checkpoint import load_model as _load
+    """Open a model in any format `lmlab.hub` recognises (lmlab checkpoints of every kind,
+    Hugging Face directories)."""
+    from lmlab.hub import load_model as _load
 
     return _load(path, device=device, dtype=dtype)
 

@@ -1,59 +1,64 @@
 """The recipe runner behind `lmlab run` and `lmlab pretrain`.
 
-A pipeline is a list of named stages; a stage is a function of a `Context` (the run
-directory, the recipe, the artifacts produced so far) that adds artifacts. The default
-recipe runs tokenizer -> shards -> pretrain -> sample; later work (SFT, reward models,
-DPO, proxy-tuning) registers more stages with `@stage("name")` and recipes list them.
+A recipe lists stages; each stage (a module of `lmlab.stages`) reads its inputs from the
+directories of the stages it needs and writes its outputs under `run_dir/<stage>/`, with a
+completion marker `stage.json` written last. Stages never hand each other live objects, so
+any stage can run alone on what is on disk:
+
+    run_dir/tokenizer/   tokenizer.json
+    run_dir/shards/      manifest.json + memory-mapped shards
+    run_dir/pretrain/    metrics.jsonl, checkpoints/, model/, loss.png
+    ...
+
+The marker records a hash of the stage's configuration and of everything upstream, so
+`--resume` skips a completed stage whose inputs and settings are unchanged, reruns one
+whose settings changed, and continues a half-done stage from its own last checkpoint.
+`--only`, `--from` and `--skip` choose the stages to run; the others must be complete.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
+import json
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from lmlab.config import from_mapping, load_yaml, resolve_model_config
+from lmlab.config import from_mapping, load_yaml
 from lmlab.errors import LmlabError
-from lmlab.io import write_text_atomic
-from lmlab.adapters.inject import AdapterConfig
+from lmlab.io import read_json, write_json_atomic, write_text_atomic
+from lmlab.stages.common import DataConfig
+from lmlab.stages.eval import EvalConfig
+from lmlab.stages.sample import SampleConfig
+from lmlab.stages.sft import FinetuneConfig
+from lmlab.stages.world import WorldConfig
 from lmlab.train.config import TrainConfig, apply_overrides
 
-
-@dataclass(frozen=True)
-class DataConfig:
-    source: str = "embedded"  # "embedded" (the shipped corpus) or a path build_shards reads
-    tokenizer: str | None = None  # an existing tokenizer.json / .model; None: train one
-    vocab_size: int = 4096
-    seq_len: int = 128
-    val_fraction: float = 0.02
-    text_field: str = "text"  # JSONL / Parquet column holding the text
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    prompts: tuple[str, ...] = ("The",)
-    max_new_tokens: int = 40
-    temperature: float = 0.8
-    top_k: int | None = 40
-    top_p: float | None = None
-    seed: int = 0
+MARKER = "stage.json"
+RUN_FILE = "run.json"
+# Stage name -> the module that implements it (each has NEEDS, SECTIONS and run(ctx)).
+STAGE_MODULES = {
+    "tokenizer": "lmlab.stages.tokenizer",
+    "shards": "lmlab.stages.shards",
+    "pretrain": "lmlab.stages.pretrain",
+    "sample": "lmlab.stages.sample",
+    "world": "lmlab.stages.world",
+    "sft": "lmlab.stages.sft",
+    "eval": "lmlab.stages.eval",
+}
 
 
-@dataclass(frozen=True)
-class SFTStageConfig:
-    """The `sft` stage: instruction-tune the pretrained model on a gold-reward world's task
-    with the fine-tuning code (`lmlab.train.finetune`), then score generated answers with the
-    world's gold reward."""
-    world: str = "sort"
-    seed: int = 0
-    n: int = 1000  # conversations exported; 10% are held out for validation
-    method: str = "lora"
-    adapter: AdapterConfig = AdapterConfig(
-        r=8, alpha=16.0,
+def _default_sft() -> FinetuneConfig:
+    from lmlab.adapters.inject import AdapterConfig
+
+    return FinetuneConfig(
+        method="lora",
         # The chat role tokens never occur in the pretraining corpus: their rows must train.
-        trainable=("embed", "lm_head"))
-    train: TrainConfig = TrainConfig(steps=200, batch_size=8, lr=1e-2, warmup_steps=10, log_every=10)
-    eval_prompts: int = 50  # held-out world prompts answered greedily and scored
+        adapter=AdapterConfig(r=8, alpha=16.0, trainable=("embed", "lm_head")),
+        train=TrainConfig(steps=200, batch_size=8, lr=1e-2, warmup_steps=10, log_every=10))
 
 
 @dataclass(frozen=True)
@@ -64,10 +69,13 @@ class Recipe:
     model: Any = "micro"  # preset name or mapping; resolved once the vocabulary is known
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
-    sft: SFTStageConfig = SFTStageConfig()
+    world: WorldConfig = WorldConfig()
+    sft: FinetuneConfig = field(default_factory=_default_sft)
+    eval: EvalConfig = EvalConfig()
 
 
-SECTIONS = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig, "sft": SFTStageConfig}
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig, "world": WorldConfig,
+            "sft": FinetuneConfig, "eval": EvalConfig}
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
 
@@ -77,66 +85,179 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> tu
     raw = load_yaml(path or DEFAULT_RECIPE)
     merged = apply_overrides(raw, list(overrides), SECTIONS)
     if "model" in merged and isinstance(merged["model"], Mapping):
-        from lmlab.config import ModelConfig
+        from lmlab.config import ModelConfig, _unknown_key_error
 
         valid = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset"}
         for key in merged["model"]:
             if key not in valid:
-                from lmlab.config import _unknown_key_error
-
                 raise _unknown_key_error(key, sorted(valid), "model")
-    return from_mapping(Recipe, merged, where="recipe"), merged
+    recipe = from_mapping(Recipe, merged, where="recipe")
+    unknown = [n for n in recipe.stages if n not in STAGE_MODULES]
+    if unknown:
+        raise LmlabError(f"unknown pipeline stage(s) {unknown}; known: {', '.join(STAGE_MODULES)}")
+    return recipe, merged
 
 
 @dataclass
-class Context:
+class StageContext:
+    """What a stage gets: its own output directory and the directories of the stages it
+    reads from (all on disk), the recipe, and whether to continue a half-done run."""
+    name: str
     run_dir: Path
     recipe: Recipe
     resume: bool = False
-    artifacts: dict[str, Any] = field(default_factory=dict)
     echo: Callable[[str], None] = print
 
+    @property
+    def out(self) -> Path:
+        return self.run_dir / self.name
 
-Stage = Callable[[Context], None]
-STAGES: dict[str, Stage] = {}
+    def input(self, stage: str) -> Path:
+        return self.run_dir / stage
 
 
-def stage(name: str) -> Callable[[Stage], Stage]:
-    def register(fn: Stage) -> Stage:
-        STAGES[name] = fn
-        return fn
-    return register
+def stage_module(name: str):
+    if name not in STAGE_MODULES:
+        raise LmlabError(f"unknown pipeline stage {name!r}; known: {', '.join(STAGE_MODULES)}")
+    return importlib.import_module(STAGE_MODULES[name])
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# Settings that change how a stage reports, never what it computes: left out of the hash.
+UNHASHED = {"progress", "log_every"}
+
+
+def _strip(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in UNHASHED}
+    return value
+
+
+def stage_hashes(recipe: Recipe) -> dict[str, str]:
+    """Per stage: a hash of its recipe sections and of the hashes of the stages it needs."""
+    hashes: dict[str, str] = {}
+    for name in STAGE_MODULES:
+        mod = stage_module(name)
+        own = {s: _strip(_jsonable(getattr(recipe, s))) for s in mod.SECTIONS}
+        upstream = {n: hashes[n] for n in mod.NEEDS}
+        text = json.dumps({"stage": name, "config": own, "upstream": upstream}, sort_keys=True)
+        hashes[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashes
+
+
+def stage_done(run_dir: Path, name: str) -> dict | None:
+    path = run_dir / name / MARKER
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path, "")
+    except LmlabError:
+        return None  # a torn marker: the stage is not complete
+
+
+def select_stages(recipe: Recipe, only: tuple[str, ...] = (), start: str | None = None,
+                  skip: tuple[str, ...] = ()) -> list[str]:
+    names = list(recipe.stages)
+    for n in (*only, *skip, *([start] if start else [])):
+        if n not in names:
+            raise LmlabError(f"stage {n!r} is not in this recipe's stages ({', '.join(names)})")
+    if only:
+        names = [n for n in names if n in only]
+    if start:
+        names = names[names.index(start):]
+    return [n for n in names if n not in skip]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def path(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+
+def _holds_other_files(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(run_dir.iterdir())
 
 
 def run_pipeline(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
-                 stages: tuple[str, ...] | None = None, raw: Mapping[str, Any] | None = None,
-                 echo: Callable[[str], None] = print) -> Context:
-    names = stages or recipe.stages
-    unknown = [n for n in names if n not in STAGES]
-    if unknown:
-        raise LmlabError(f"unknown pipeline stage(s) {unknown}; known: {', '.join(STAGES)}")
-    ctx = Context(Path(run_dir), recipe, resume, echo=echo)
-    from lmlab.train.state import latest_checkpoint
+                 only: tuple[str, ...] = (), start: str | None = None, skip: tuple[str, ...] = (),
+                 raw: Mapping[str, Any] | None = None, echo: Callable[[str], None] = print,
+                 stages: tuple[str, ...] | None = None) -> RunResult:
+    """Run the recipe's stages (or the chosen ones) into `run_dir`.
 
-    if not resume and "pretrain" in names and latest_checkpoint(ctx.run_dir) is not None:
-        # Checked before any stage runs, so a mistaken rerun overwrites nothing.
-        raise LmlabError(f"{ctx.run_dir} already holds a trained run: pass --resume to continue it, "
+    resume: skip completed stages whose settings are unchanged, continue a half-done one.
+    only / start / skip: run just these / from this one on / all but these; the stages not
+        run must already be complete in `run_dir` where a chosen stage reads from them.
+    stages: replaces the recipe's stage list (a library shortcut, e.g. for `lmlab pretrain`).
+    """
+    run_dir = Path(run_dir)
+    if stages is not None:
+        recipe = dataclasses.replace(recipe, stages=tuple(stages))
+        for n in recipe.stages:
+            stage_module(n)
+    chosen = select_stages(recipe, only, start, skip)
+    forced = bool(only or start)  # named stages rerun even when complete
+    is_run = (run_dir / RUN_FILE).is_file()
+    # Checked before any stage runs, so a mistaken rerun overwrites nothing.
+    if not resume and not forced and _holds_other_files(run_dir):
+        what = "a run" if is_run else "files that are not an lmlab run"
+        raise LmlabError(f"{run_dir} already holds {what}: pass --resume to continue it, "
                          "or choose another --run-dir")
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    if forced and not resume and _holds_other_files(run_dir) and not is_run:
+        raise LmlabError(f"{run_dir} holds files that are not an lmlab run; choose another --run-dir")
+    hashes = stage_hashes(recipe)
+    for name in chosen:
+        for need in stage_module(name).NEEDS:
+            if need not in chosen and stage_done(run_dir, need) is None:
+                raise LmlabError(f"stage {name!r} reads the outputs of {need!r}, which is not complete in "
+                                 f"{run_dir}; run it too (drop --only/--skip, or start --from {need})")
+    run_dir.mkdir(parents=True, exist_ok=True)
     if raw is not None:
         import yaml
 
-        write_text_atomic(ctx.run_dir / "recipe.yaml", yaml.safe_dump(dict(raw), sort_keys=False))
-    import time
+        write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(dict(raw), sort_keys=False))
+    write_json_atomic(run_dir / RUN_FILE, {"name": recipe.name, "stages": list(recipe.stages)})
 
-    start = time.perf_counter()
-    for name in names:
-        echo(f"== {name}")
+    result = RunResult(run_dir)
+    t_run = time.perf_counter()
+    for k, name in enumerate(chosen, 1):
+        done = stage_done(run_dir, name)
+        rerun_named = forced and (not only or name in only)
+        if done is not None and done.get("hash") == hashes[name] and not rerun_named:
+            echo(f"== [{k}/{len(chosen)}] {name}: complete, settings unchanged (skipped)")
+            result.skipped.append(name)
+            continue
+        out = run_dir / name
+        fresh = done is not None or rerun_named or not resume
+        if fresh and out.exists():
+            why = "its settings changed" if done is not None and done.get("hash") != hashes[name] else "asked to rerun"
+            echo(f"== [{k}/{len(chosen)}] {name}: {why}; replacing its previous outputs")
+            shutil.rmtree(out)  # the stage's own directory, written by an earlier run of it
+        else:
+            echo(f"== [{k}/{len(chosen)}] {name}" + (" (continuing)" if out.exists() else ""))
         t = time.perf_counter()
-        STAGES[name](ctx)
-        echo(f"   ({name}: {time.perf_counter() - t:.1f} s)")
-    echo(f"done in {time.perf_counter() - start:.1f} s -> {ctx.run_dir}")
-    return ctx
+        stage_module(name).run(StageContext(name, run_dir, recipe, resume=not fresh, echo=echo))
+        seconds = time.perf_counter() - t
+        write_json_atomic(out / MARKER, {"stage": name, "hash": hashes[name], "seconds": round(seconds, 2),
+                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        result.ran.append(name)
+        result.seconds[name] = seconds
+        echo(f"   ({name}: {seconds:.1f} s)")
+    echo(f"done in {time.perf_counter() - t_run:.1f} s -> {run_dir}")
+    return result
 
 
 def unique_run_dir(root: str | Path, name: str) -> Path:
@@ -147,161 +268,3 @@ def unique_run_dir(root: str | Path, name: str) -> Path:
         n += 1
         path = base.with_name(f"{name}-{n}")
     return path
-
-
-# ---- stages ------------------------------------------------------------------------------
-
-def _corpus_texts(data: DataConfig) -> list[str]:
-    if data.source == "embedded":
-        from lmlab.data.corpus import embedded_corpus_texts
-
-        return embedded_corpus_texts()
-    from lmlab.data.sources import read_texts
-
-    return list(read_texts(data.source, text_field=data.text_field))
-
-
-@stage("tokenizer")
-def tokenizer_stage(ctx: Context) -> None:
-    from lmlab.tokenizer import Tokenizer, train_tokenizer
-
-    path = ctx.run_dir / "tokenizer.json"
-    data = ctx.recipe.data
-    if path.is_file() and ctx.resume:
-        tok = Tokenizer.load(path)
-    elif data.tokenizer:
-        tok = Tokenizer.load(data.tokenizer)
-        tok.save(path)
-    else:
-        tok = train_tokenizer(_corpus_texts(data), data.vocab_size)
-        tok.save(path)
-    ctx.echo(f"tokenizer: {tok.vocab_size} tokens -> {path}")
-    ctx.artifacts["tokenizer"] = tok
-
-
-@stage("shards")
-def shards_stage(ctx: Context) -> None:
-    from lmlab.data.shards import ShardDataset, build_shards
-
-    data, out = ctx.recipe.data, ctx.run_dir / "data"
-    if not (ctx.resume and (out / "manifest.json").is_file()):
-        source = _corpus_texts(data) if data.source == "embedded" else data.source
-        build_shards(source, ctx.artifacts["tokenizer"], out, seq_len=data.seq_len,
-                     val_fraction=data.val_fraction, text_field=data.text_field)
-    ctx.artifacts["train_data"] = ShardDataset(out, split="train")
-    ctx.artifacts["val_data"] = ShardDataset(out, split="val")
-    ctx.echo(f"shards: {len(ctx.artifacts['train_data'])} train / {len(ctx.artifacts['val_data'])} "
-             f"val sequences of {data.seq_len} tokens -> {out}")
-
-
-def model_config_for(spec: Any, vocab_size: int, seq_len: int):
-    """The recipe's model with the tokenizer's vocabulary (unless the recipe sets a larger one)."""
-    spec_map = {"preset": spec} if isinstance(spec, str) else dict(spec)
-    if "vocab_size" in spec_map and spec_map["vocab_size"] < vocab_size:
-        raise LmlabError(f"model.vocab_size={spec_map['vocab_size']} is smaller than the tokenizer's "
-                         f"{vocab_size} tokens; drop model.vocab_size to use the tokenizer's")
-    spec_map.setdefault("vocab_size", vocab_size)
-    cfg = resolve_model_config(spec_map)
-    if seq_len > cfg.max_seq_len:
-        raise LmlabError(f"data.seq_len={seq_len} is longer than the model's context "
-                         f"model.max_seq_len={cfg.max_seq_len}; lower one or raise the other")
-    return cfg
-
-
-@stage("pretrain")
-def pretrain_stage(ctx: Context) -> None:
-    import torch
-
-    from lmlab.checkpoint import load_model
-    from lmlab.model.transformer import build_model, count_parameters
-    from lmlab.train.loop import train
-    from lmlab.train.objectives.lm import LanguageModeling
-
-    tok, train_data = ctx.artifacts["tokenizer"], ctx.artifacts["train_data"]
-    cfg = model_config_for(ctx.recipe.model, tok.vocab_size, train_data.seq_len)
-    tcfg = ctx.recipe.train
-    torch.manual_seed(tcfg.seed)
-    model = build_model(cfg, device=tcfg.device)
-    ctx.echo(f"model: {count_parameters(model):,} parameters ({cfg.n_layers} layers, d={cfg.d_model})")
-    result = train(model, LanguageModeling(), train_data, tcfg, ctx.run_dir,
-                   val_data=ctx.artifacts.get("val_data"), tokenizer=tok, resume=ctx.resume)
-    ctx.echo(f"trained {result.step} steps, {result.tokens:,} tokens at {result.tokens_per_s:,.0f} tokens/s; "
-             f"final loss {result.losses[-1] if result.losses else float('nan'):.3f}"
-             + (f", val loss {result.val_loss:.3f}" if result.val_loss is not None else ""))
-    from lmlab.train.plot import plot_losses
-
-    png = plot_losses({ctx.recipe.name: ctx.run_dir}, ctx.run_dir / "loss.png",
-                      title=f"{ctx.recipe.name}: {cfg.n_layers} layers, d={cfg.d_model}")
-    ctx.echo(f"model -> {ctx.run_dir / 'model'}; loss plot -> {png}")
-    ctx.artifacts["model"] = load_model(ctx.run_dir / "model")
-    ctx.artifacts["train_result"] = result
-
-
-@stage("sample")
-def sample_stage(ctx: Context) -> None:
-    import torch
-
-    from lmlab.decode.generate import generate
-
-    tok, model, s = ctx.artifacts["tokenizer"], ctx.artifacts["model"], ctx.recipe.sample
-    prompts = [tok.encode(p, add_bos=True) for p in s.prompts]
-    with torch.no_grad():
-        outs = generate(model.eval(), prompts, s.max_new_tokens, temperature=s.temperature,
-                        top_k=s.top_k, top_p=s.top_p, eos_id=tok.eos_id, seed=s.seed)
-    lines = []
-    for prompt, out in zip(s.prompts, outs):
-        text = prompt + tok.decode(out.tokens)
-        lines.append(text)
-        ctx.echo(f"--- sample: {text!r}")
-    write_text_atomic(ctx.run_dir / "samples.txt", "\n\n".join(lines) + "\n")
-    ctx.artifacts["samples"] = lines
-
-
-@stage("sft")
-def sft_stage(ctx: Context) -> None:
-    """Export the world, fine-tune the pretrained model on its chat SFT set, and score
-    greedy answers to held-out prompts with the world's gold reward."""
-    import json
-
-    import torch
-
-    from lmlab.data.chat import RoleTokenTemplate
-    from lmlab.decode.generate import generate
-    from lmlab.io import write_json_atomic
-    from lmlab.train.finetune import ChatDataConfig, FinetuneConfig, finetune
-    from lmlab.worlds.evaluate import sort_rewards
-    from lmlab.worlds.export import export_world
-
-    s, tok = ctx.recipe.sft, ctx.artifacts["tokenizer"]
-    if s.world != "sort":
-        raise LmlabError(f"the sft stage scores answers with SortWorld's gold reward; sft.world={s.world!r} "
-                         "is not supported here (use `lmlab finetune` for other data)")
-    world_dir = ctx.run_dir / "world"
-    export_world(s.world, world_dir, seed=s.seed, n=s.n)
-    cfg = FinetuneConfig(
-        base="pretrain stage", out=str(ctx.run_dir / "sft"), method=s.method, adapter=s.adapter, train=s.train,
-        data=ChatDataConfig(train=str(world_dir / "sft.jsonl"), val_fraction=0.1, seq_len=ctx.recipe.data.seq_len))
-    model = ctx.artifacts["model"]
-    result = finetune(model, tok, cfg, ctx.run_dir / "sft", resume=ctx.resume, log=ctx.echo)
-    template = RoleTokenTemplate(tok)
-    rows = [json.loads(line) for line in (world_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
-    prompts = [r["prompt"] for r in rows[: s.eval_prompts]]
-    ids = [template.encode_prompt([{"role": "user", "content": p}]) for p in prompts]
-    with torch.no_grad():
-        outs = generate(model.eval(), ids, 32, eos_id=template.stop_ids[0])
-    answers = [tok.decode(o.tokens[:-1] if o.finish_reason == "eos" else o.tokens) for o in outs]
-    rewards = sort_rewards(prompts, answers, [o.finish_reason for o in outs])
-    summary = {
-        "method": s.method, "steps": result.train.step, "val_loss": result.val_loss,
-        "teacher_forced_exact_match": result.exact_match,
-        "generated": len(prompts),
-        "gold_reward_dense": sum(rewards["gold_dense"]) / len(prompts),
-        "gold_reward_sparse": sum(rewards["gold_sparse"]) / len(prompts),
-        "examples": [{"prompt": p, "answer": a} for p, a in list(zip(prompts, answers))[:5]],
-    }
-    write_json_atomic(ctx.run_dir / "sft" / "world_eval.json", summary)
-    for ex in summary["examples"][:3]:
-        ctx.echo(f"--- {ex['prompt']!r} -> {ex['answer']!r}")
-    ctx.echo(f"sft ({s.method}, {result.train.step} steps): gold reward {summary['gold_reward_dense']:.3f} dense, "
-             f"{summary['gold_reward_sparse']:.3f} exact (sparse) on {len(prompts)} held-out prompts")
-    ctx.artifacts["sft_eval"] = summary

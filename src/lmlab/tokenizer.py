@@ -21,9 +21,12 @@ class Tokenizer:
     """Wraps a `tokenizers.Tokenizer` ("hf") or a `sentencepiece.SentencePieceProcessor` ("spm")."""
 
     def __init__(self, backend, kind: str, bos_id: int | None, eos_id: int | None,
-                 pad_id: int | None) -> None:
+                 pad_id: int | None, add_bos: bool = False, add_eos: bool = False) -> None:
         self.backend, self.kind = backend, kind
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        # What the checkpoint's own tokenizer adds around a text (its tokenizer_config.json
+        # flags, else its post-processor): `encode(..., add_special_tokens=True)` follows it.
+        self.add_bos, self.add_eos = add_bos and bos_id is not None, add_eos and eos_id is not None
         self.role_ids = {role: self.token_to_id(tok) for role, tok in ROLE_TOKENS.items()}
 
     # ---- basic interface --------------------------------------------------------------
@@ -39,8 +42,13 @@ class Tokenizer:
             return None if i == self.backend.unk_id() and token != self.backend.id_to_piece(i) else i
         return self.backend.token_to_id(token)
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False,
+               add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. `add_special_tokens=True` adds BOS/EOS exactly as the
+        checkpoint's tokenizer does (what transformers' default encode gives)."""
         ids = self.encode_batch([text])[0]
+        if add_special_tokens:
+            add_bos, add_eos = add_bos or self.add_bos, add_eos or self.add_eos
         return self._wrap(ids, add_bos, add_eos)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -120,12 +128,27 @@ def _load_hf(path: Path) -> Tokenizer:
     config_path = path.parent / "tokenizer_config.json"
     config = read_json(config_path, "") if config_path.is_file() else {}
     lookup = backend.token_to_id
-    return Tokenizer(
-        backend, "hf",
-        _pick(lookup, _config_token(config, "bos_token"), KNOWN_BOS),
-        _pick(lookup, _config_token(config, "eos_token"), KNOWN_EOS),
-        _pick(lookup, _config_token(config, "pad_token"), KNOWN_PAD),
-    )
+    bos = _pick(lookup, _config_token(config, "bos_token"), KNOWN_BOS)
+    eos = _pick(lookup, _config_token(config, "eos_token"), KNOWN_EOS)
+    add_bos, add_eos = _special_rule(backend, config, bos, eos)
+    return Tokenizer(backend, "hf", bos, eos, _pick(lookup, _config_token(config, "pad_token"), KNOWN_PAD),
+                     add_bos=add_bos, add_eos=add_eos)
+
+
+def _special_rule(backend, config: dict, bos: int | None, eos: int | None) -> tuple[bool, bool]:
+    """Whether the checkpoint's tokenizer adds BOS / EOS around a text: the explicit
+    `add_bos_token` / `add_eos_token` of tokenizer_config.json where given, else what its
+    post-processor does (probed on one text). A tokenizer lmlab trained (no post-processor,
+    our <|bos|>) adds BOS, as lmlab has always prompted its own models."""
+    plain = backend.encode("a", add_special_tokens=False).ids
+    full = backend.encode("a", add_special_tokens=True).ids
+    added_bos = len(full) > len(plain) and bos is not None and full[0] == bos
+    added_eos = len(full) > len(plain) and eos is not None and full[-1] == eos
+    if backend.post_processor is None and bos is not None and backend.id_to_token(bos) == BOS:
+        added_bos = True
+    add_bos = config.get("add_bos_token", added_bos)
+    add_eos = config.get("add_eos_token", added_eos)
+    return bool(add_bos), bool(add_eos)
 
 
 def _load_spm(path: Path) -> Tokenizer:
@@ -144,7 +167,13 @@ def _load_spm(path: Path) -> Tokenizer:
     def valid(i: int) -> int | None:
         return i if i >= 0 else None
 
-    return Tokenizer(proc, "spm", valid(proc.bos_id()), valid(proc.eos_id()), valid(proc.pad_id()))
+    # A bare sentencepiece model has no such flags; Llama's convention (BOS, no EOS) is
+    # what tokenizer_config.json states for the checkpoints that ship one.
+    config_path = path.parent / "tokenizer_config.json"
+    config = read_json(config_path, "") if config_path.is_file() else {}
+    return Tokenizer(proc, "spm", valid(proc.bos_id()), valid(proc.eos_id()), valid(proc.pad_id()),
+                     add_bos=bool(config.get("add_bos_token", True)),
+                     add_eos=bool(config.get("add_eos_token", False)))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -177,4 +206,4 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     if not seen["any"]:
         raise LmlabError("cannot train a tokenizer on an empty corpus: give at least one document")
     lookup = backend.token_to_id
-    return Tokenizer(backend, "hf", lookup(BOS), lookup(EOS), lookup(PAD))
+    return Tokenizer(backend, "hf", lookup(BOS), lookup(EOS), lookup(PAD), add_bos=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmlab.adapters.inject import load_adapter, strip_adapters
-from lmlab.checkpoint import TOKENIZER_FILE, load_model, save_model
+from lmlab.checkpoint import TOKENIZER_FILE, save_model
+from lmlab.hub import load_model
 
 
 def merge_adapter_into(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:

@@ -166,8 +166,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write only the adapter: `adapter.safetensors` + `adapter_config.json`."""
+def save_adapter(model: nn.Module, directory: str | Path, base: str | Path | None = None) -> Path:
+    """Write only the adapter: `adapter.safetensors` + `adapter_config.json`. With `base`
+    (the model directory it was trained on) also a `config.json` of kind `adapter` naming
+    it, so `lmlab.load_model(directory)` opens base + adapter as one model."""
     from safetensors.torch import save_file
 
     cfg = getattr(model, "adapter_config", None)
@@ -178,6 +180,15 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     with atomic_path(directory / ADAPTER_WEIGHTS) as tmp:
         save_file(adapter_state_dict(model), str(tmp), metadata={"format": "lmlab-adapter"})
     write_json_atomic(directory / ADAPTER_CONFIG, asdict(cfg))
+    if base is not None:
+        import os
+
+        from lmlab import __version__
+
+        # Relative to the adapter, so a run directory moved as a whole still opens.
+        rel = os.path.relpath(Path(base).resolve(), directory.resolve())
+        write_json_atomic(directory / "config.json", {"format": "lmlab", "kind": "adapter", "base": rel,
+                                                      "version": __version__})
     return directory
 
 

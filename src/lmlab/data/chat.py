@@ -20,12 +20,11 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
+from lmlab.data import IGNORE_INDEX, PAD_DOC
 from lmlab.errors import LmlabError
 from lmlab.io import read_json
 
 ROLES = ("system", "user", "assistant")
-IGNORE = -100  # target value cross_entropy skips
-PAD_DOC = -1  # document id of padding positions in a packed row
 
 
 class TokenizerLike(Protocol):
@@ -119,7 +118,7 @@ def read_chat_jsonl(path: str | Path) -> list[Conversation]:
 @dataclass(frozen=True)
 class Example:
     """Token ids of one conversation; `labels[i]` is ids[i] where the model must learn to
-    produce that token (assistant answers and their end marker), IGNORE elsewhere."""
+    produce that token (assistant answers and their end marker), IGNORE_INDEX elsewhere."""
 
     ids: tuple[int, ...]
     labels: tuple[int, ...]
@@ -149,14 +148,14 @@ class RoleTokenTemplate:
         return [bos] if bos is not None else []
 
     def encode(self, conv: Conversation) -> Example:
-        ids, labels = self._bos(), [IGNORE] * len(self._bos())
+        ids, labels = self._bos(), [IGNORE_INDEX] * len(self._bos())
         for msg in conv.messages:
             content = self.tokenizer.encode(msg["content"])
             ids.append(self.role_ids[msg["role"]])
-            labels.append(IGNORE)
+            labels.append(IGNORE_INDEX)
             ids += content + [self.end_id]
             trained = msg["role"] == "assistant"
-            labels += (content + [self.end_id]) if trained else [IGNORE] * (len(content) + 1)
+            labels += (content + [self.end_id]) if trained else [IGNORE_INDEX] * (len(content) + 1)
         return Example(tuple(ids), tuple(labels), conv.source)
 
     def encode_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -169,6 +168,26 @@ class RoleTokenTemplate:
     @property
     def stop_ids(self) -> list[int]:
         return [self.end_id]
+
+
+def find_chat_template(path: str | Path, config: dict | None = None) -> str | None:
+    """The chat template stored at `path` (a checkpoint directory, `chat_template.jinja`, or
+    `tokenizer_config.json`): the .jinja file wins, as in transformers; else the config's
+    `chat_template` (a string, or a list of named templates of which "default" is used)."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    if path.suffix == ".jinja" and path.is_file():
+        return path.read_text(encoding="utf-8")
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    if config is None:
+        config_path = directory / "tokenizer_config.json"
+        config = read_json(config_path, "") if config_path.is_file() else {}
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template or None
 
 
 class JinjaTemplate:
@@ -193,15 +212,17 @@ class JinjaTemplate:
 
     @classmethod
     def from_tokenizer_config(cls, path: str | Path, tokenizer: TokenizerLike) -> "JinjaTemplate":
+        """The template stored with a checkpoint: `chat_template.jinja` (what current
+        transformers writes) or the `chat_template` of `tokenizer_config.json`; `path` is
+        the checkpoint directory or either file."""
         path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer_config.json"
-        config = read_json(path, "a stored chat template lives in tokenizer_config.json")
-        template = config.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        directory = path if path.is_dir() else path.parent
+        config_path = directory / "tokenizer_config.json"
+        config = read_json(config_path, "") if config_path.is_file() else {}
+        template = find_chat_template(path, config)
         if not template:
-            raise LmlabError(f"{path} has no chat_template; use lmlab's template (template: lmlab)")
+            raise LmlabError(f"{directory} has no chat template (neither chat_template.jinja nor a chat_template "
+                             "in tokenizer_config.json); use lmlab's template (template: lmlab)")
 
         def token_text(value: Any) -> str:
             return value.get("content", "") if isinstance(value, dict) else (value or "")
@@ -220,7 +241,7 @@ class JinjaTemplate:
         def add(text: str, trained: bool) -> None:
             piece = self.tokenizer.encode(text)
             ids.extend(piece)
-            labels.extend(piece if trained else [IGNORE] * len(piece))
+            labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
 
         for i, msg in enumerate(conv.messages):
             if msg["role"] != "assistant":
@@ -263,7 +284,7 @@ def encode_conversations(conversations: Iterable[Conversation], template, max_le
                 f"{conv.source}: conversation is {len(ex.ids)} tokens, longer than the context "
                 f"of {max_len}; shorten or split it, or raise the context length"
             )
-        if not any(label != IGNORE for label in ex.labels[1:]):
+        if not any(label != IGNORE_INDEX for label in ex.labels[1:]):
             raise LmlabError(f"{conv.source}: no trainable answer token after encoding")
         examples.append(ex)
     return examples
@@ -277,7 +298,7 @@ def encode_conversations(conversations: Iterable[Conversation], template, max_le
 def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Greedily fill rows of `seq_len` positions with (input, target) pairs of whole
     conversations, in order. Returns LongTensors (N, seq_len): `input_ids`, `targets`
-    (IGNORE where no loss), `doc_ids` (0, 1, ... per conversation in a row; padding is
+    (IGNORE_INDEX where no loss), `doc_ids` (0, 1, ... per conversation in a row; padding is
     PAD_DOC, a document of its own, so it attends only to padding)."""
     rows: list[tuple[list[int], list[int], list[int]]] = []
     current: tuple[list[int], list[int], list[int]] = ([], [], [])
@@ -296,7 +317,7 @@ def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int = 0) ->
         rows.append(current)
     n = len(rows)
     input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
-    targets = torch.full((n, seq_len), IGNORE, dtype=torch.long)
+    targets = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
     doc_ids = torch.empty((n, seq_len), dtype=torch.long)
     for i, (inp, tgt, doc) in enumerate(rows):
         k = len(inp)
@@ -314,8 +335,20 @@ def one_per_row(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> d
 
 
 def collate_rows(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack dataset rows into a batch (for batch sources that take a collate function)."""
-    return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+    """Stack dataset rows into a batch (for batch sources that take a collate function),
+    with the rotary `positions` and the `attn_mask` its document ids imply: attention stays
+    inside a conversation and positions restart at 0, so the language-modelling objective
+    reads a packed chat batch like any other."""
+    batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
+    return with_document_masks(batch)
+
+
+def with_document_masks(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`batch` plus `positions` and `attn_mask` from its `doc_ids`."""
+    from lmlab.model.masks import document_causal_mask, document_positions
+
+    doc_ids = batch["doc_ids"]
+    return {**batch, "positions": document_positions(doc_ids), "attn_mask": document_causal_mask(doc_ids)}
 
 
 class ChatDataset(torch.utils.data.Dataset):

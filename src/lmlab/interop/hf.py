@@ -550,7 +550,7 @@ def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype 
 def convert_to_hf(lmlab_dir: str | Path, out_dir: str | Path,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """lmlab checkpoint directory -> HF model directory loadable by AutoModelForCausalLM."""
-    from lmlab.checkpoint import is_lmlab_dir, load_model, read_config_json
+    from lmlab.checkpoint import is_lmlab_dir, load_lmlab_model, read_config_json
 
     lmlab_dir, out_dir = Path(lmlab_dir), Path(out_dir)
     if not lmlab_dir.is_dir():
@@ -559,7 +559,7 @@ def convert_to_hf(lmlab_dir: str | Path, out_dir: str | Path,
         raise LmlabError(f"{lmlab_dir} is not an lmlab checkpoint (its config.json has no \"format\": \"lmlab\")")
     _check_out_dir(out_dir)
     meta = read_config_json(lmlab_dir)
-    model = load_model(lmlab_dir)
+    model = load_lmlab_model(lmlab_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _copy_tokenizer_files(lmlab_dir, out_dir)
     return save_hf(model, out_dir, token_ids=meta.get("source") or {}, max_shard_bytes=max_shard_bytes)

@@ -11,7 +11,7 @@ from lmlab.config import from_mapping
 from lmlab.errors import LmlabError
 
 SCHEDULES = ("cosine", "wsd", "constant")
-PRECISIONS = ("float32", "bf16")
+NONFINITE = ("stop", "skip")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class TrainConfig:
     decay_fraction: float = 0.2  # wsd: share of the steps spent decaying at the end
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     grad_clip: float = 1.0  # global L2 norm; 0 disables
-    precision: str = "float32"
+    # auto: bf16 where the device runs it natively (lmlab.precision), else float32.
+    precision: str = "auto"
     compile: bool = False
     eval_every: int = 0  # 0: only at the end (if there is validation data)
     eval_batches: int = 4
@@ -44,12 +45,18 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    # A NaN/inf loss or gradient: "stop" (raise, keeping the last good checkpoint) or
+    # "skip" (drop that step's update and go on; the count is logged).
+    on_nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise LmlabError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.precision not in PRECISIONS:
-            raise LmlabError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        from lmlab.precision import parse
+
+        object.__setattr__(self, "precision", parse(self.precision))
+        if self.on_nonfinite not in NONFINITE:
+            raise LmlabError(f"train.on_nonfinite must be one of {NONFINITE}, got {self.on_nonfinite!r}")
         for name in ("steps", "batch_size", "eval_batches", "log_every"):
             if getattr(self, name) <= 0:
                 raise LmlabError(f"train.{name} must be positive, got {getattr(self, name)}")

@@ -1,7 +1,10 @@
 """Training checkpoints: everything a resumed run needs to continue bit-for-bit.
 
     run_dir/checkpoints/step-N/
-        config.json, model.safetensors, tokenizer.json   (lmlab.checkpoint.save_model)
+        config.json, model.safetensors, tokenizer.json   (lmlab.checkpoint.save_model: the
+                                 trained model, loadable like any model directory)
+        <name>.safetensors       further trained modules of the objective (a value head, ...)
+        objective.safetensors    the objective's own state (an EMA reference, running stats)
         optimizer.safetensors    per-parameter AdamW moments and step counts
         rng.safetensors          torch CPU (and CUDA) generator states
         trainer.json             step, data position, optimizer hyperparameters, TrainConfig
@@ -29,7 +32,9 @@ from lmlab.errors import LmlabError
 from lmlab.io import fsync_dir, write_json_atomic, write_text_atomic
 
 TRAINER_FILE = "trainer.json"
+OBJECTIVE_FILE = "objective.safetensors"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+TMP_PREFIX = ".tmp-step-"
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -66,15 +71,31 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
+def remove_stale_temporaries(run_dir: str | Path) -> None:
+    """Delete half-written checkpoint directories a killed run left behind (only ours: the
+    hidden `.tmp-step-*` names this module creates)."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for path in root.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, modules: dict[str, torch.nn.Module],
                     optimizer: torch.optim.Optimizer, trainer: dict[str, Any],
-                    tokenizer: Any = None, keep: int = 0) -> Path:
+                    tokenizer: Any = None, keep: int = 0,
+                    objective_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """`modules["model"]` is saved as a model directory; other trained modules beside it."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step}-", dir=root))
     try:
-        save_model(model, tmp, tokenizer=tokenizer)
+        save_model(modules["model"], tmp, tokenizer=tokenizer)
+        for name, module in modules.items():
+            if name != "model":
+                save_state_dict(module.state_dict(), tmp / f"{name}.safetensors")
+        if objective_state:
+            save_state_dict(objective_state, tmp / OBJECTIVE_FILE)
         tensors, groups = optimizer_tensors(optimizer)
         save_state_dict(tensors, tmp / "optimizer.safetensors")
         save_state_dict(rng_tensors(), tmp / "rng.safetensors")
@@ -117,18 +138,32 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load weights, optimizer and RNG state from `path`; return the trainer record."""
+def read_trainer(path: Path) -> dict[str, Any]:
     try:
-        trainer = json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
+        return json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise LmlabError(f"{path / TRAINER_FILE} is unreadable ({e}); delete {path} to resume from an older one") from None
-    state = load_state_dict(path / "model.safetensors")
-    expected = model.state_dict()
+
+
+def _load_into(module: torch.nn.Module, file: Path, path: Path) -> None:
+    state = load_state_dict(file)
+    expected = module.state_dict()
     if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
         raise LmlabError(f"checkpoint {path} holds a different model than the recipe builds; "
                          "resume with the recipe the run was started with")
-    model.load_state_dict(state)
+    module.load_state_dict(state)
+
+
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                    objective: Any = None) -> dict[str, Any]:
+    """Load weights, objective state, optimizer and RNG state from `path`; return the
+    trainer record."""
+    trainer = read_trainer(path)
+    for name, module in modules.items():
+        _load_into(module, path / ("model.safetensors" if name == "model" else f"{name}.safetensors"), path)
+    if objective is not None and hasattr(objective, "load_state_dict"):
+        file = path / OBJECTIVE_FILE
+        objective.load_state_dict(load_state_dict(file) if file.is_file() else {})
     restore_optimizer(optimizer, load_state_dict(path / "optimizer.safetensors"), trainer["param_groups"])
     restore_rng(load_state_dict(path / "rng.safetensors"))
     return trainer

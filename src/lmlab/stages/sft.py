@@ -1,11 +1,15 @@
-"""Supervised fine-tuning of a model on chat data: full, LoRA or DoRA, through the one loop.
+"""Stage `sft` and `lmlab finetune` (one code path, one config shape): supervised
+fine-tuning on chat data, full, LoRA or DoRA, through the one loop.
 
     result = finetune(model, tokenizer, FinetuneConfig.from_dict(recipe), "runs/sft")
 
-Writes into the run directory what `train` writes (metrics, checkpoints), plus
-`finetune_report.json` (trainable parameters, memory estimate, answer exact match),
-`adapter/` (the adapter alone, for LoRA/DoRA) and `model/` (a plain, merged model that
-`lmlab.checkpoint.load_model` reads like any other).
+Writes into its directory what `train` writes (metrics, step checkpoints that open like
+any model), plus `finetune_report.json` (trainable parameters, memory estimate, answer
+exact match), `adapter/` (the adapter alone, for LoRA/DoRA, a checkpoint of kind `adapter`
+over its base) and `model/` (a plain, merged model).
+
+In `lmlab run` the base defaults to the pretrain stage's model and the data to the world
+stage's `sft.jsonl`; `lmlab finetune --config R` names both in its recipe.
 """
 from __future__ import annotations
 
@@ -27,18 +31,21 @@ from lmlab.data.chat import (
     one_per_row, pack_examples, read_chat_jsonl,
 )
 from lmlab.errors import LmlabError
-from lmlab.io import write_json_atomic
+from lmlab.io import write_json_atomic, write_text_atomic
 from lmlab.train.config import TrainConfig
 from lmlab.train.data import FixedBatches, ShuffledBatches
 from lmlab.train.loop import TrainResult, evaluate, train
-from lmlab.train.objectives.sft import SFTObjective, answer_exact_match, packed_logits
+from lmlab.train.objectives.lm import LanguageModeling
+
+NEEDS = ("pretrain", "world")
+SECTIONS = ("sft",)
 
 METHODS = ("full", "lora", "dora")
 
 
 @dataclass(frozen=True)
 class ChatDataConfig:
-    train: str = ""  # JSONL of conversations or prompt/response pairs
+    train: str = ""  # JSONL of conversations or prompt/response pairs (in `lmlab run`: the world's)
     val: str | None = None  # held-out JSONL: validation loss and answer exact match
     val_fraction: float = 0.0  # without `val`: hold out this share of `train` (its last records)
     # "lmlab": <|role|> ... <|end|> with the tokenizer's role tokens; or a path to a
@@ -48,16 +55,14 @@ class ChatDataConfig:
     seq_len: int | None = None  # default: the model's max_seq_len
 
     def __post_init__(self) -> None:
-        if not self.train:
-            raise LmlabError("data.train is required: the path of a chat JSONL file")
         if not 0.0 <= self.val_fraction < 1.0:
             raise LmlabError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    base: str = ""  # the model to fine-tune: an lmlab or Hugging Face model directory
-    out: str = "runs/finetune"  # run directory
+    base: str = ""  # the model to fine-tune, any format (in `lmlab run`: the pretrain stage's)
+    out: str = "runs/finetune"  # run directory of `lmlab finetune` (`lmlab run`: run_dir/sft)
     method: str = "lora"  # full | lora | dora (overrides adapter.method)
     # Learning rate of method "full" (default: train.lr). Full fine-tuning usually wants
     # a rate several times lower than adapters do; comparisons should tune both.
@@ -106,24 +111,11 @@ def split_conversations(data: ChatDataConfig):
     return (train_convs[:-n_val], train_convs[-n_val:]) if n_val else (train_convs, None)
 
 
-def batches(rows: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
-    n = rows["input_ids"].shape[0]
-    return [{k: v[i:i + size] for k, v in rows.items()} for i in range(0, n, size)]
-
-
-@torch.no_grad()
-def exact_match(model: nn.Module, rows: dict[str, torch.Tensor], batch_size: int = 8) -> float:
-    """Share of conversations whose every answer greedy decoding reproduces exactly."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    scores = []
-    for b in batches(rows, batch_size):
-        b = {k: v.to(device) for k, v in b.items()}
-        logits = packed_logits(model, b["input_ids"], b["doc_ids"])
-        scores.append(answer_exact_match(logits, b["targets"], b["doc_ids"]))
-    model.train(was_training)
-    return float(torch.cat(scores).mean())
+def val_batches(rows: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """All held-out rows in order, collated like training batches."""
+    dataset = ChatDataset(rows)
+    return [collate_rows([dataset[i] for i in range(s, min(len(dataset), s + size))])
+            for s in range(0, len(dataset), size)]
 
 
 def prepare_model(model: nn.Module, method: str, adapter: AdapterConfig, optimizer: str = "adamw") -> ParameterReport:
@@ -136,8 +128,13 @@ def prepare_model(model: nn.Module, method: str, adapter: AdapterConfig, optimiz
 
 
 def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, run_dir: str | Path, *,
-             resume: bool = False, log: Callable[[str], None] = print) -> FinetuneResult:
+             resume: bool | str = False, log: Callable[[str], None] = print,
+             base_dir: str | Path | None = None) -> FinetuneResult:
+    """Fine-tune `model` in place; `base_dir` (where the base is stored) is recorded in the
+    saved adapter so it opens as base + adapter on its own."""
     run_dir = Path(run_dir)
+    if not cfg.data.train:
+        raise LmlabError("data.train is required: the path of a chat JSONL file")
     seq_len = cfg.data.seq_len or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
         raise LmlabError(f"data.seq_len={seq_len} exceeds the model's context {model.config.max_seq_len}")
@@ -148,38 +145,41 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, run_dir: str | Pa
     # Validation keeps one conversation per row: its metrics then do not depend on packing.
     val_rows = chat_rows(val_convs, template, seq_len, False, pad_id) if val_convs else None
 
+    torch.manual_seed(cfg.train.seed)  # adapter initialisation (a resumed run loads its own)
     report = prepare_model(model, cfg.method, cfg.adapter)
     log(f"fine-tuning ({cfg.method}) on {train_rows['input_ids'].shape[0]} rows of {seq_len} tokens")
     log(report.format())
-    objective = SFTObjective()
+    objective = LanguageModeling(accuracy=True)
     train_cfg = cfg.train
     if cfg.method == "full" and cfg.full_lr is not None:
         train_cfg = replace(train_cfg, lr=cfg.full_lr)
     source = ShuffledBatches(ChatDataset(train_rows), seed=cfg.train.seed, collate=collate_rows)
     # Periodic validation (train.eval_every) on the held-out rows, logged with the metrics.
-    val_batches = (FixedBatches(ChatDataset(val_rows), train_cfg.micro, train_cfg.eval_batches, collate_rows)
-                   if val_rows is not None else None)
-    result = train(model, objective, source, train_cfg, run_dir, val_data=val_batches, tokenizer=tokenizer,
-                   resume=resume, extra={"finetune": {"method": cfg.method, "adapter": asdict(cfg.adapter)}})
+    periodic = (FixedBatches(ChatDataset(val_rows), train_cfg.micro, train_cfg.eval_batches, collate_rows)
+                if val_rows is not None else None)
+    result = train(model, objective, source, train_cfg, run_dir, val_data=periodic, tokenizer=tokenizer,
+                   resume=resume, log=log,
+                   extra={"finetune": {"method": cfg.method, "adapter": asdict(cfg.adapter)}})
 
     val_loss = em = None
     if val_rows is not None:
-        device = torch.device(cfg.train.device)
-        val_loss = evaluate(model, objective, batches(val_rows, cfg.train.micro), cfg.train, device)
-        em = exact_match(model, val_rows, cfg.train.micro)
+        from lmlab.eval.answers import exact_match
+
+        held_out = val_batches(val_rows, train_cfg.micro)
+        val_loss = evaluate(model, objective, held_out, train_cfg, torch.device(train_cfg.device),
+                            result.precision)["loss"]
+        em = exact_match(model, held_out, result.precision)
         log(f"validation: loss {val_loss:.4f}, answer exact match {em:.3f}")
+    info = {"train": {"step": result.step, "val_loss": val_loss, "precision": result.precision.name}}
     if cfg.method != "full":
-        save_adapter(model, run_dir / "adapter")
-        # The loop saved the adapted model; replace it by the merged plain model so
-        # `run_dir/model` loads anywhere a model does.
-        strip_adapters(model)
-        save_model(model, run_dir / "model", tokenizer=tokenizer,
-                   extra={"train": {"step": result.step, "val_loss": val_loss}})
+        save_adapter(model, run_dir / "adapter", base=base_dir)
+        strip_adapters(model)  # a plain merged model that loads anywhere a model does
+    save_model(model, run_dir / "model", tokenizer=tokenizer, extra=info)
     write_json_atomic(run_dir / "finetune_report.json", {
         "method": cfg.method, **report.to_dict(), "steps": result.step,
         "final_train_loss": result.losses[-1] if result.losses else None,
         "val_loss": val_loss, "answer_exact_match": em, "lr": train_cfg.lr,
-        "seconds": result.seconds,
+        "seconds": result.seconds, "precision": result.precision.name,
     })
     return FinetuneResult(result, report, val_loss, em)
 
@@ -209,8 +209,6 @@ def compare_methods(base: nn.Module, tokenizer, cfg: FinetuneConfig, out_dir: st
         table.append(f"| {r['method']} | {r['trainable']:,} | {r['trainable_percent']:.2f} | {r['lr']:g} | "
                      f"{_num(r['final_train_loss'])} | {_num(r['val_loss'])} | {_num(r['exact_match'])} | "
                      f"{r['seconds']:.0f} |")
-    from lmlab.io import write_text_atomic
-
     write_text_atomic(out_dir / "comparison.md", "\n".join(table) + "\n")
     log("\n".join(table))
     return rows
@@ -220,12 +218,42 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def run_finetune(cfg: FinetuneConfig, out: str | Path, *, resume: bool | str = False,
+                 log: Callable[[str], None] = print) -> FinetuneResult:
+    """Open `cfg.base` (any format) and its tokenizer, fine-tune into `out`."""
+    from lmlab.hub import load_model
+    from lmlab.tokenizer import Tokenizer
+
+    if not cfg.base:
+        raise LmlabError("set `base:` to the directory of the model to fine-tune")
+    model = load_model(cfg.base, device=cfg.train.device)
+    return finetune(model, Tokenizer.load(cfg.base), cfg, out, resume=resume, log=log, base_dir=cfg.base)
+
+
+def run(ctx) -> None:
+    """The pipeline's sft stage: the recipe's `sft` section, with the pretrained model and
+    the world's chat set where it names none."""
+    from lmlab.stages.common import model_dir, require
+
+    cfg = ctx.recipe.sft
+    base = cfg.base or str(model_dir(ctx.run_dir, "pretrain"))
+    data = cfg.data
+    if not data.train:
+        data = replace(data, train=str(require(ctx.input("world") / "sft.jsonl", "world")),
+                       seq_len=data.seq_len or ctx.recipe.data.seq_len)
+    cfg = replace(cfg, base=base, data=data, out=str(ctx.out))
+    result = run_finetune(cfg, ctx.out, resume="auto" if ctx.resume else False, log=ctx.echo)
+    ctx.echo(f"sft ({cfg.method}): {result.train.step} steps, val loss "
+             f"{'-' if result.val_loss is None else f'{result.val_loss:.3f}'}, teacher-forced exact match "
+             f"{'-' if result.exact_match is None else f'{result.exact_match:.3f}'}")
+
+
 def finetune_recipe(path: str | Path, method: str | None = None, overrides: list[str] = (),
                     resume: bool = False, compare: tuple[str, ...] = ()):
-    """`lmlab finetune`: read a recipe YAML, load `base` and its tokenizer, fine-tune
-    (or, with `compare`, fine-tune once per method and tabulate)."""
-    from lmlab.checkpoint import load_model
+    """`lmlab finetune`: the sft stage alone, on the recipe's `base` and `data.train`
+    (or, with `compare`, once per method, tabulated)."""
     from lmlab.config import load_yaml
+    from lmlab.hub import load_model
     from lmlab.tokenizer import Tokenizer
     from lmlab.train.config import apply_overrides
 
@@ -235,10 +263,10 @@ def finetune_recipe(path: str | Path, method: str | None = None, overrides: list
     cfg = FinetuneConfig.from_dict(data)
     if not cfg.base:
         raise LmlabError(f"{path}: set `base:` to the directory of the model to fine-tune")
-    model = load_model(cfg.base, device=cfg.train.device)
     if compare:
         unknown = [m for m in compare if m not in METHODS]
         if unknown:
             raise LmlabError(f"--compare {','.join(compare)}: unknown method(s) {unknown}; use {','.join(METHODS)}")
+        model = load_model(cfg.base, device=cfg.train.device)
         return compare_methods(model, Tokenizer.load(cfg.base), cfg, cfg.out, tuple(compare))
-    return finetune(model, Tokenizer.load(cfg.base), cfg, cfg.out, resume=resume)
+    return run_finetune(cfg, cfg.out, resume=resume)
