@@ -202,11 +202,11 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy in nats of softmax(logits) along the last axis: `logsumexp(z) - sum p z`
-    (one softmax, finite even where some probabilities underflow to 0)."""
+    """Shannon entropy in nats of softmax(logits) along the last axis: `logsumexp(z) - sum p z`.
+    Tokens of probability 0 (logit -inf, e.g. a banned token) contribute 0, not 0 * -inf."""
     logits = logits.float()
     probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits.masked_fill(probs == 0, 0.0)).sum(-1)
 
 
 # ---------------------------------------------------------------- KL estimators
