@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
 from lmlab.train.losses import (
