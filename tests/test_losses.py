@@ -292,6 +292,19 @@ def test_ppo_clipping_hand_values():
     assert clip_frac.item() == pytest.approx(2 / 4)
 
 
+def test_garbage_on_masked_tokens_does_not_reach_gradients():
+    mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    logp = torch.tensor([[-1.0, -2.0, -math.inf]], requires_grad=True)
+    old = torch.tensor([[-1.1, -1.9, -math.inf]])
+    loss, clip_frac, approx_kl = ppo_policy_loss(logp, old, torch.tensor([1.0]), mask)
+    loss.sum().backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0
+    assert torch.isfinite(approx_kl) and torch.isfinite(clip_frac)
+    values = torch.tensor([[1.0, 2.0, math.inf]], requires_grad=True)
+    value_loss(values, torch.tensor([[1.0, 2.0, math.nan]]), torch.tensor([[0.0, 0.0, math.inf]]), mask).sum().backward()
+    assert torch.isfinite(values.grad).all() and values.grad[0, 2] == 0
+
+
 def test_value_loss_hand_values():
     values = torch.tensor([[1.0, 1.0, 2.0, 5.0]])
     old = torch.tensor([[0.5, 0.9, 0.5, 0.0]])

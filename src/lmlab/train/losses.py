@@ -175,7 +175,9 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     if advantages.dim() == logp.dim() - 1:
         advantages = advantages.unsqueeze(-1)
     mask = mask.bool()
-    log_ratio = logp - old_logp
+    # Masked before use: padding may carry -inf log-probs, and inf - inf = nan would leak
+    # into the gradient through the unselected branch of a later torch.where.
+    log_ratio = torch.where(mask, logp - old_logp, 0.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
@@ -194,11 +196,13 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
     The 0.5 is inside (OpenAI baselines / TRL's PPO convention), so the gradient of an
     unclipped token is `V - R`; `clip=None` gives the plain 0.5 squared error."""
+    mask = mask.bool()
+    values, old_values, returns = (torch.where(mask, x, 0.0) for x in (values, old_values, returns))
     err = (values - returns) ** 2
     if clip is not None:
         clipped = old_values + torch.clamp(values - old_values, -clip, clip)
         err = torch.maximum(err, (clipped - returns) ** 2)
-    return torch.where(mask.bool(), 0.5 * err, 0.0)
+    return torch.where(mask, 0.5 * err, 0.0)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
