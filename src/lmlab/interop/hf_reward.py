@@ -59,12 +59,8 @@ def _architecture(cfg) -> str:
     return ARCHITECTURES[cfg.family]
 
 
-def save_hf_reward(rm: RewardModel, out_dir: str | Path, token_ids: Mapping[str, Any],
-                   allow_pad_eos: bool = False) -> Path:
-    """Write `rm` as a HF `*ForSequenceClassification` directory (num_labels=1, config.json last)."""
-    cfg = rm.config
-    arch = _architecture(cfg)
-    family = family_for_config(cfg)
+def checked_token_ids(token_ids: Mapping[str, Any], allow_pad_eos: bool = False) -> dict[str, Any]:
+    """bos/eos/pad ids for config.json; a missing pad id, or pad == eos, is refused."""
     ids = {k: token_ids.get(k) for k in TOKEN_ID_KEYS}
     if ids["pad_token_id"] is None:
         raise LmlabError("a Hugging Face sequence classifier needs pad_token_id to find each row's last token; "
@@ -74,6 +70,16 @@ def save_hf_reward(rm: RewardModel, out_dir: str | Path, token_ids: Mapping[str,
                          "token before a trailing EOS instead of the EOS lmlab reads, so scores would differ; "
                          "give the tokenizer a distinct pad token, or pass allow_pad_eos=True if your "
                          "sequences never end with EOS")
+    return ids
+
+
+def save_hf_reward(rm: RewardModel, out_dir: str | Path, token_ids: Mapping[str, Any],
+                   allow_pad_eos: bool = False) -> Path:
+    """Write `rm` as a HF `*ForSequenceClassification` directory (num_labels=1, config.json last)."""
+    cfg = rm.config
+    arch = _architecture(cfg)
+    family = family_for_config(cfg)
+    ids = checked_token_ids(token_ids, allow_pad_eos)
     state = rm.state_dict()
     trunk = {k[len(TRUNK):]: v for k, v in state.items() if k.startswith(TRUNK)}
     hf_config = {
@@ -99,8 +105,9 @@ def convert_reward_to_hf(rm_dir: str | Path, out_dir: str | Path, token_ids: Map
     meta = read_reward_meta(rm_dir)
     _check_out_dir(out_dir)
     ids = {**(meta.get("tokens") or {}), **(token_ids or {})}
+    checked_token_ids(ids, allow_pad_eos)  # refuse before writing anything
     rm = load_reward_model(rm_dir)
-    _architecture(rm.config)  # refuse before writing anything
+    _architecture(rm.config)
     out_dir.mkdir(parents=True, exist_ok=True)
     _copy_tokenizer_files(rm_dir, out_dir)
     return save_hf_reward(rm, out_dir, ids, allow_pad_eos)
