@@ -412,3 +412,36 @@ def test_hf_export_refusals(tmp_path):
     with pytest.raises(LmlabError, match="needs pad_token_id"):
         convert_reward_to_hf(tmp_path / "rm", tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_linear_probe_then_members_start_from_the_probe(tmp_path):
+    """WARM's recipe: a head-only probe on the frozen SFT trunk, then members that start
+    from the probe's trunk and head."""
+    from lmlab.rewards.train import initial_reward_model
+
+    lm = build_model(CFG)
+    trunk = {k: v.clone() for k, v in lm.state_dict().items() if "lm_head" not in k}
+    rm = RewardModel.from_lm(lm)
+    res = train_reward_on_pairs(rm, TOK, separable_pairs(32, 0), None, tmp_path / "probe",
+                                config("head", steps=10), log=lambda s: None)
+    assert res.report.trainable == CFG.d_model
+    probe = load_reward_model(res.model_dir)
+    after = probe.state_dict()
+    assert all(torch.equal(after["transformer." + k], v) for k, v in trunk.items())
+    assert torch.count_nonzero(after["score.weight"]) == CFG.d_model
+    start = initial_reward_model(res.model_dir)
+    assert all(torch.equal(start.state_dict()[k], v) for k, v in after.items())
+
+
+def test_moe_trunk_scores_are_padding_invariant_and_router_loss_is_added():
+    cfg = CFG.replace(n_experts=4, top_k=2, moe_aux_loss_weight=0.01)
+    rm = random_rm(cfg)
+    seqs = [[3, 4, 5], [6, 7, 8, 9, 10, 11]]
+    with torch.no_grad():
+        alone = torch.cat([rm(torch.tensor([s])) for s in seqs])
+        ids, mask = pad_rows(seqs, TOK.pad_id, "left")
+        assert torch.allclose(rm(ids, mask), alone, atol=1e-5)
+        loss, m = BradleyTerry()(rm, {"chosen_ids": ids, "chosen_mask": mask, "rejected_ids": ids,
+                                      "rejected_mask": mask})
+    assert float(m["loss"]) == pytest.approx(math.log(2))
+    assert float(loss) == pytest.approx(math.log(2) + 0.01 * float(m["moe_aux_loss"]), rel=1e-6)

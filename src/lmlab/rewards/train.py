@@ -31,7 +31,8 @@ from lmlab.train.data import FixedBatches, ShuffledBatches
 from lmlab.train.loop import TrainResult, train
 from lmlab.train.objectives.reward import BradleyTerry
 
-METHODS = ("full", "lora", "dora")
+# head: a linear probe (only the score head trains), the shared start of WARM's members.
+METHODS = ("full", "lora", "dora", "head")
 HEAD = "score"  # the head's module name: trained in full under LoRA/DoRA too
 
 
@@ -51,7 +52,7 @@ class PreferenceDataConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    method: str = "lora"  # full | lora | dora
+    method: str = "lora"  # full | lora | dora | head (linear probe: the trunk stays frozen)
     full_lr: float | None = None  # learning rate of method full (default train.lr)
     center_weight: float = 0.0  # weight of mean((r_c + r_r)^2)
     head_init_std: float = 0.0  # 0: zero head (every pair starts at loss ln 2)
@@ -81,10 +82,11 @@ class RewardTrainResult:
 
 
 def prepare_reward_model(rm: RewardModel, method: str, adapter: AdapterConfig) -> ParameterReport:
-    """Unfreeze everything (full), or adapt the trunk (LoRA/DoRA) with the head trained in full."""
-    if method == "full":
-        for p in rm.parameters():
-            p.requires_grad_(True)
+    """Unfreeze everything (full), only the head (head), or adapt the trunk (LoRA/DoRA)
+    with the head trained in full."""
+    if method in ("full", "head"):
+        for name, p in rm.named_parameters():
+            p.requires_grad_(method == "full" or name.startswith(HEAD + "."))
         return parameter_report(rm)
     trainable = tuple(adapter.trainable) + (() if HEAD in adapter.trainable else (HEAD,))
     return apply_adapters(rm, AdapterConfig(**{**asdict(adapter), "method": method, "trainable": trainable}))
@@ -124,12 +126,26 @@ def _split(pairs, data: PreferenceDataConfig):
     return (pairs[:-n_val], pairs[-n_val:]) if n_val else (pairs, None)
 
 
+def initial_reward_model(base_dir: str | Path, head_init_std: float = 0.0, device: str = "cpu") -> RewardModel:
+    """The starting point: a reward checkpoint as it is (e.g. a linear probe, so WARM's
+    members share trunk *and* head), or a language model (SFT; lmlab or Hugging Face)
+    with a new head."""
+    from lmlab.checkpoint import is_lmlab_dir, load_model, read_config_json
+    from lmlab.rewards.io import load_reward_model
+
+    meta = read_config_json(base_dir)
+    hf_classifier = any(a.endswith("ForSequenceClassification") for a in meta.get("architectures") or [])
+    if hf_classifier or (is_lmlab_dir(base_dir) and meta.get("kind") == RewardModel.kind):
+        return load_reward_model(base_dir, device=device)
+    return RewardModel.from_lm(load_model(base_dir, device=device), head_init_std)
+
+
 def train_reward_model(base_dir: str | Path, data_path: str | Path, out_dir: str | Path,
                        cfg: RewardConfig = RewardConfig(), *, resume: bool = False,
                        log: Callable[[str], None] = print) -> RewardTrainResult:
-    """Fine-tune the language model at `base_dir` (lmlab or HF, with its tokenizer) into a
-    reward model on the preference pairs of `data_path`; run directory `out_dir`."""
-    from lmlab.checkpoint import load_model
+    """Fine-tune the model at `base_dir` (a language model, lmlab or HF, or a reward
+    checkpoint such as a linear probe; with its tokenizer) into a reward model on the
+    preference pairs of `data_path`; run directory `out_dir`."""
     from lmlab.tokenizer import Tokenizer
 
     out_dir = Path(out_dir)
@@ -138,8 +154,7 @@ def train_reward_model(base_dir: str | Path, data_path: str | Path, out_dir: str
         log(f"left out {prefs.skipped_identical} pairs whose chosen equals rejected")
     train_pairs, val_pairs = _split(prefs.pairs, cfg.data)
     tokenizer = Tokenizer.load(base_dir)
-    lm = load_model(base_dir, device=cfg.train.device)
-    rm = RewardModel.from_lm(lm, cfg.head_init_std)
+    rm = initial_reward_model(base_dir, cfg.head_init_std, cfg.train.device)
     return train_reward_on_pairs(rm, tokenizer, train_pairs, val_pairs, out_dir, cfg, resume=resume, log=log,
                                  with_margin=prefs.has_margin)
 
@@ -173,7 +188,7 @@ def train_reward_on_pairs(rm: RewardModel, tokenizer, train_pairs, val_pairs, ou
     log(f"train pairs: accuracy {train_metrics['accuracy']:.3f}, loss {train_metrics['loss']:.4f}"
         + (f"; held out: accuracy {val_metrics['accuracy']:.3f}, loss {val_metrics['loss']:.4f}"
            if val_metrics else ""))
-    if cfg.method != "full":
+    if cfg.method in ("lora", "dora"):
         save_adapter(rm, out_dir / "adapter")
         strip_adapters(rm)
     model_dir = save_reward_model(rm, out_dir / "model", tokenizer=tokenizer, extra={

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmlab.train.objectives.lm import with_moe_aux_losses
+
 
 def _bt_loss(diff: torch.Tensor) -> torch.Tensor:
     # Kept private here: a shared pairwise loss may live in train/losses.py later.
@@ -63,7 +65,8 @@ class BradleyTerry:
             # Tensors, not floats: the loop converts once per step.
             metrics = {"loss": bt.detach(), "accuracy": accuracy, "margin": diff.mean(),
                        "reward_mean": both.mean(), "reward_std": both.std(correction=0)}
-        return loss, metrics
+        # Sparse-expert trunks: the router's balancing losses, as for every objective.
+        return with_moe_aux_losses(model, loss, metrics), metrics
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
         """Loss units: preference pairs."""
