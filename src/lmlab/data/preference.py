@@ -21,7 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
-from lmlab.data.chat import IGNORE, JinjaTemplate, RoleTokenTemplate, conversation_from_record
+from lmlab.data import IGNORE_INDEX
+from lmlab.data.chat import JinjaTemplate, RoleTokenTemplate, conversation_from_record
 from lmlab.errors import LmlabError
 
 PLAIN = "none"
@@ -178,11 +179,11 @@ class PairEncoder:
 def answer_start(labels: Sequence[int], source: str) -> int:
     """Where the final trained run (the last assistant answer) begins: everything before
     it, earlier turns included, is prompt."""
-    end = max((i for i, lab in enumerate(labels) if lab != IGNORE), default=None)
+    end = max((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), default=None)
     if end is None:
         raise LmlabError(f"{source}: the template marked no answer token; check the chat template")
     start = end
-    while start > 0 and labels[start - 1] != IGNORE:
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
         start -= 1
     return start
 

@@ -130,7 +130,8 @@ def initial_reward_model(base_dir: str | Path, head_init_std: float = 0.0, devic
     """The starting point: a reward checkpoint as it is (e.g. a linear probe, so WARM's
     members share trunk *and* head), or a language model (SFT; lmlab or Hugging Face)
     with a new head."""
-    from lmlab.checkpoint import is_lmlab_dir, load_model, read_config_json
+    from lmlab.checkpoint import is_lmlab_dir, read_config_json
+    from lmlab.hub import load_model
     from lmlab.rewards.io import load_reward_model
 
     meta = read_config_json(base_dir)
