@@ -40,7 +40,9 @@ def windowed():
 @pytest.mark.parametrize("which", ["model", "windowed"])
 def test_join_and_leave_mid_way_equals_generate_alone(which, request):
     """Requests arrive at different steps and have different lengths, so the batch grows
-    and shrinks while each one runs; every request still gets exactly its solo tokens."""
+    and shrinks while each one runs; every request still gets exactly its solo tokens
+    (with a sliding window too)."""
+    model = request.getfixturevalue(which)
     b = Batcher(model, decode, max_batch=4)
     prompts = [[5, 17, 300, 2, 9], [11], [40, 41, 42, 43, 44, 45, 46, 47], [7, 8], [100, 3, 99], [1, 2, 3, 4]]
     lengths = [12, 5, 9, 15, 3, 8]
