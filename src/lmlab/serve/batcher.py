@@ -126,6 +126,7 @@ class Stats:
     generated_tokens: int = 0
     requests_finished: int = 0
     requests_failed: int = 0
+    requests_cancelled: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=4096))  # (time, tokens) per step
 
     def tokens_per_second(self, window: float = 10.0) -> float:
@@ -287,7 +288,10 @@ class Batcher:
         seq_req.emit(event)
         seq_req.open_choices -= 1
         if seq_req.open_choices <= 0 and self._running.pop(seq_req.id, None) is not None:
-            self.stats.requests_finished += 1
+            if seq_req.cancelled:
+                self.stats.requests_cancelled += 1
+            else:
+                self.stats.requests_finished += 1
 
     def _drop_cancelled(self) -> None:
         gone = [i for i, s in enumerate(self.seqs) if s.req.cancelled]
@@ -306,6 +310,7 @@ class Batcher:
                 req = self._queue[0]
                 if req.cancelled:
                     self._queue.popleft()
+                    self.stats.requests_cancelled += 1
                     continue
                 need = req.params.n if req.params.max_tokens else 1
                 new_width = max(width, len(req.prompt))
