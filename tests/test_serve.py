@@ -207,6 +207,7 @@ def test_64_concurrent_clients_all_complete_correctly(model, srv):
     assert texts == expected
     assert time.monotonic() - start < 30
     assert srv.batcher.active == 0
+    assert srv.batcher.stats.peak_active == 8  # they really shared one batch (8 rows here)
 
 
 # ---- validation --------------------------------------------------------------------------------

@@ -127,6 +127,7 @@ class Stats:
     requests_finished: int = 0
     requests_failed: int = 0
     requests_cancelled: int = 0
+    peak_active: int = 0  # the most sequences ever decoded in one step
     recent: deque = field(default_factory=lambda: deque(maxlen=4096))  # (time, tokens) per step
 
     def tokens_per_second(self, window: float = 10.0) -> float:
@@ -377,6 +378,7 @@ class Batcher:
             stacked = torch.stack(new_logits)
             self.logits = stacked if self.logits is None else torch.cat([self.logits, stacked])
             self.seqs.extend(new_seqs)
+            self.stats.peak_active = max(self.stats.peak_active, len(self.seqs))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, req: Request) -> PromptLogprobs:
         """log p(prompt[t] | prompt[:t]) for t >= 1, from the prefill's own hidden states."""
