@@ -356,3 +356,47 @@ def test_bearer_auth_and_no_stack_trace_reaches_a_client(model):
         assert keyed.completions.create(model=NAME, prompt="ok", max_tokens=2).choices[0].finish_reason
     finally:
         running.close()
+
+
+# ---- loading a checkpoint for serving ------------------------------------------------------------
+
+def test_load_for_serving_an_lmlab_checkpoint(tmp_path):
+    from lmlab.checkpoint import save_model
+    from lmlab.serve.server import load_for_serving
+    from lmlab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["hello world, héllo wörld"] * 20, vocab_size=300)
+    torch.manual_seed(2)
+    m = build_model(get_preset("nano").replace(vocab_size=300)).eval()
+    save_model(m, tmp_path / "ckpt", tokenizer=tok)
+    model, tokenizer, template = load_for_serving(tmp_path / "ckpt")
+    assert isinstance(template, RoleTokenTemplate)
+    running = Running(create_app(model, tokenizer, ServeConfig(model_name="ckpt"), chat_template=template))
+    try:
+        c = openai.OpenAI(base_url=running.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        ids = [tokenizer.bos_id] + tokenizer.encode("héllo")
+        toks = generate(model, [ids], 10)[0].tokens
+        cut = next((i for i, t in enumerate(toks) if t == tokenizer.eos_id), len(toks))
+        out = c.completions.create(model="ckpt", prompt="héllo", max_tokens=10, temperature=0)
+        assert out.choices[0].text == tokenizer.decode(toks[:cut])
+        streamed = c.completions.create(model="ckpt", prompt="héllo", max_tokens=10, temperature=0, stream=True)
+        assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == out.choices[0].text
+        chat = c.chat.completions.create(model="ckpt", messages=[{"role": "user", "content": "hello"}],
+                                         max_tokens=5, temperature=0)
+        assert chat.choices[0].finish_reason in ("stop", "length")
+    finally:
+        running.close()
+
+
+def test_a_stored_jinja_chat_template_wins(tmp_path):
+    from lmlab.data.chat import JinjaTemplate
+    from lmlab.serve.server import chat_template_for
+
+    template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    found = chat_template_for(tmp_path, TOK)
+    assert isinstance(found, JinjaTemplate)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert found.encode_prompt(msgs) == TOK.encode("<|user|>hi<|end|><|assistant|>")
+    assert isinstance(chat_template_for(tmp_path / "elsewhere", TOK), RoleTokenTemplate)
