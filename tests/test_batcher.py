@@ -146,3 +146,35 @@ def test_cancel_frees_the_row_and_threads_drain(model):
         assert b.active == 0 and b.running == 0
     finally:
         b.close()
+
+
+def test_a_proxy_tuned_trio_equals_proxy_generate_alone(model):
+    from lmlab.decode.proxy import proxy_generate
+
+    torch.manual_seed(8)
+    expert = build_model(get_preset("nano")).eval()
+    anti = build_model(get_preset("nano")).eval()
+    b = Batcher(model, decode, max_batch=3, proxy=(expert, anti, 0.7))
+    prompts, lengths = [[5, 6, 7], [1], [9, 8, 7, 6, 5]], [10, 4, 7]
+    events = {i: [] for i in range(3)}
+    with torch.inference_mode():
+        b.submit(prompts[0], GenParams(max_tokens=lengths[0]), events[0].append)
+        b.step()
+        b.step()
+        for i in (1, 2):  # join mid-way
+            b.submit(prompts[i], GenParams(max_tokens=lengths[i], prompt_logprobs=0), events[i].append)
+        run_until_idle(b)
+    for i, p in enumerate(prompts):
+        solo = proxy_generate(model, expert, anti, [p], lengths[i], alpha=0.7)[0]
+        toks = [e.token for e in events[i] if isinstance(e, Token)]
+        assert toks == solo.tokens, i
+        assert [e.logprob for e in events[i] if isinstance(e, Token)] == pytest.approx(solo.logprobs, abs=1e-4)
+    from lmlab.decode.proxy import proxy_scores
+    from lmlab.serve.batcher import PromptLogprobs
+
+    plp = next(e for e in events[2] if isinstance(e, PromptLogprobs))
+    x = torch.tensor([prompts[2]])
+    with torch.no_grad():
+        lp = proxy_scores(model(x)[0], expert(x)[0], anti(x)[0], alpha=0.7).log_softmax(-1)
+    expected = [float(lp[t - 1, prompts[2][t]]) for t in range(1, len(prompts[2]))]
+    assert plp.logprobs[0] is None and plp.logprobs[1:] == pytest.approx(expected, abs=1e-5)

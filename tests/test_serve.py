@@ -400,3 +400,21 @@ def test_a_stored_jinja_chat_template_wins(tmp_path):
     msgs = [{"role": "user", "content": "hi"}]
     assert found.encode_prompt(msgs) == TOK.encode("<|user|>hi<|end|><|assistant|>")
     assert isinstance(chat_template_for(tmp_path / "elsewhere", TOK), RoleTokenTemplate)
+
+
+def test_a_proxy_tuned_trio_served_as_one_model(model):
+    from lmlab.decode.proxy import proxy_generate
+
+    torch.manual_seed(9)
+    cfg = model.config
+    expert, anti = build_model(cfg).eval(), build_model(cfg).eval()
+    running = Running(create_app(model, TOK, ServeConfig(model_name="proxy"), proxy=(expert, anti, 0.5)))
+    try:
+        c = openai.OpenAI(base_url=running.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        ids = encode_text("Proxy")
+        toks = proxy_generate(model, expert, anti, [ids], 10, alpha=0.5)[0].tokens
+        cut = next((i for i, t in enumerate(toks) if t == TOK.eos_id), len(toks))
+        out = c.completions.create(model="proxy", prompt="Proxy", max_tokens=10, temperature=0)
+        assert out.choices[0].text == TOK.decode(toks[:cut])
+    finally:
+        running.close()

@@ -153,24 +153,26 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 # ---- the app -------------------------------------------------------------------------------
 
-def create_app(model, tokenizer, config: ServeConfig | None = None, chat_template=None) -> FastAPI:
+def create_app(model, tokenizer, config: ServeConfig | None = None, chat_template=None,
+               proxy: tuple | None = None) -> FastAPI:
     """An app serving `model` with `tokenizer` (lmlab.tokenizer.Tokenizer or alike).
     `chat_template`: an object with encode_prompt(messages) and stop_ids (lmlab.data.chat);
-    default: lmlab's role-token template when the tokenizer has the role tokens."""
+    default: lmlab's role-token template when the tokenizer has the role tokens.
+    `proxy`: (expert, anti_expert, alpha) to serve the proxy-tuned trio as one model."""
     cfg = config or ServeConfig()
     if chat_template is None:
         chat_template = _default_template(tokenizer)
-    context = min(cfg.max_len or model.config.max_seq_len, model.config.max_seq_len)
+    batcher = Batcher(model, tokenizer.decode, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
+                      max_len=cfg.max_len, max_prefill_tokens=cfg.max_prefill_tokens, proxy=proxy)
+    context = batcher.max_len
     limits = P.Limits(context=context, max_tokens=cfg.max_tokens,
                       max_prompt_tokens=min(cfg.max_prompt_tokens or context, context),
                       max_n=min(cfg.max_n, cfg.max_batch), max_prompts=cfg.max_prompts,
                       max_logprobs=cfg.max_logprobs)
-    batcher = Batcher(model, tokenizer.decode, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                      max_len=context, max_prefill_tokens=cfg.max_prefill_tokens)
     eos = tuple(i for i in [tokenizer.eos_id] if i is not None)
     chat_stops = tuple(dict.fromkeys(eos + tuple(getattr(chat_template, "stop_ids", ()) or ())))
     created = int(time.time())
-    vocab = model.config.vocab_size
+    vocab = batcher.vocab
     token_text_cache: dict[int, str] = {}
 
     def token_text(i: int) -> str:

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from lmlab.decode.generate import SamplingParams, check_max_new_tokens
+from lmlab.decode.proxy import proxy_scores, shared_vocab_size
 from lmlab.decode.sampling import apply_repetition_penalty, process_logits, sample
 from lmlab.errors import LmlabError
 from lmlab.serve.slots import SlotCache, decode_mask, prefill_mask
@@ -149,20 +150,29 @@ class Batcher:
     """
 
     def __init__(self, model, decode: Callable[[list[int]], str], *, max_batch: int = 32,
-                 max_queue: int = 256, max_len: int | None = None, max_prefill_tokens: int = 4096) -> None:
+                 max_queue: int = 256, max_len: int | None = None, max_prefill_tokens: int = 4096,
+                 proxy: tuple | None = None) -> None:
+        """`proxy`: (expert, anti_expert, alpha) to serve the proxy-tuned distribution
+        log p_base + alpha (log p_expert - log p_anti) of `model` as the base (Liu et al., 2024);
+        the three step in lock-step, each over its own cache."""
         if max_batch < 1:
             raise LmlabError(f"max_batch must be at least 1, got {max_batch}")
         if max_queue < 0:
             raise LmlabError(f"max_queue must be >= 0, got {max_queue}")
         self.model = model.eval()
+        self.members = [self.model]
+        self.alpha = 1.0
+        if proxy is not None:
+            expert, anti, self.alpha = proxy
+            self.members += [expert.eval(), anti.eval()]
         self.decode = decode
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
+        context = min(m.config.max_seq_len for m in self.members)
+        self.max_len = min(max_len or context, context)
         self.max_prefill_tokens = max_prefill_tokens
-        self.vocab = model.config.vocab_size
-        self.window = model.config.sliding_window
+        self.vocab = shared_vocab_size({f"member {i}": m.config.vocab_size for i, m in enumerate(self.members)})
         self.device = next(model.parameters()).device
-        self.cache = SlotCache(model, max_batch, self.max_len)
+        self.caches = [SlotCache(m, max_batch, self.max_len) for m in self.members]
         self.seqs: list[_Seq] = []  # row i holds seqs[i]
         self.logits: torch.Tensor | None = None  # (rows, V) next-token logits, row-aligned
         self.stats = Stats()
@@ -279,11 +289,21 @@ class Batcher:
         for i in sorted(set(rows), reverse=True):
             last = len(self.seqs) - 1
             if i != last:
-                self.cache.copy_row(last, i, self.seqs[last].pos)
+                self._copy_row(last, i, self.seqs[last].pos)
                 self.seqs[i] = self.seqs[last]
                 self.logits[i] = self.logits[last]
             self.seqs.pop()
         self.logits = self.logits[: len(self.seqs)] if self.seqs else None
+
+    def _copy_row(self, src: int, dst: int, length: int) -> None:
+        for cache in self.caches:
+            cache.copy_row(src, dst, length)
+
+    def _scores(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        """One member's float logits, or the proxy-tuned combination of three."""
+        if len(logits) == 1:
+            return logits[0].float()
+        return proxy_scores(*(x[..., : self.vocab].float() for x in logits), alpha=self.alpha)
 
     def _finish(self, seq_req: Request, event: Finished) -> None:
         seq_req.emit(event)
@@ -351,14 +371,17 @@ class Batcher:
             self.stats.prompt_tokens += len(r.prompt)
         ids = ids.to(self.device)
         positions = torch.arange(width, device=self.device).expand(m, width)
-        self.cache.plan_prefill(first, m, width)
-        hidden = self.model.hidden_states(ids, positions=positions, cache=self.cache,
-                                          attn_mask=prefill_mask(m, width, self.window, self.device))
+        hiddens = []
+        for model, cache in zip(self.members, self.caches):
+            cache.plan_prefill(first, m, width)
+            mask = prefill_mask(m, width, model.config.sliding_window, self.device)
+            hiddens.append(model.hidden_states(ids, positions=positions, cache=cache, attn_mask=mask))
         lengths = torch.tensor([len(r.prompt) for r in reqs], device=self.device)
-        last = self.model.logits(hidden[torch.arange(m, device=self.device), lengths - 1]).float()
+        rows = torch.arange(m, device=self.device)
+        last = self._scores([model.logits(h[rows, lengths - 1]) for model, h in zip(self.members, hiddens)])
         for i, r in enumerate(reqs):
             if r.params.prompt_logprobs is not None:
-                r.emit(self._prompt_logprobs(hidden[i, : len(r.prompt)], r))
+                r.emit(self._prompt_logprobs([h[i, : len(r.prompt)] for h in hiddens], r))
         new_seqs, new_logits = [], []
         gen = [(i, r) for i, r in enumerate(reqs) if r.params.max_tokens > 0]
         for i, r in gen:
@@ -367,7 +390,7 @@ class Batcher:
         row = first + len(gen)
         for i, r in gen:  # further choices copy the prompt's keys/values instead of recomputing
             for choice in range(1, r.params.n):
-                self.cache.copy_row(first + i, row, len(r.prompt))
+                self._copy_row(first + i, row, len(r.prompt))
                 new_seqs.append(self._new_seq(r, choice))
                 new_logits.append(last[i])
                 row += 1
@@ -380,12 +403,12 @@ class Batcher:
             self.seqs.extend(new_seqs)
             self.stats.peak_active = max(self.stats.peak_active, len(self.seqs))
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, req: Request) -> PromptLogprobs:
+    def _prompt_logprobs(self, hiddens: list[torch.Tensor], req: Request) -> PromptLogprobs:
         """log p(prompt[t] | prompt[:t]) for t >= 1, from the prefill's own hidden states."""
         k = req.params.prompt_logprobs
         if len(req.prompt) < 2:
             return PromptLogprobs([None], [None] if k else None)
-        lp = self.model.logits(hidden[:-1]).float().log_softmax(-1)
+        lp = self._scores([m.logits(h[:-1]) for m, h in zip(self.members, hiddens)]).log_softmax(-1)
         target = torch.as_tensor(req.prompt[1:], device=lp.device)
         chosen = lp.gather(-1, target[:, None]).squeeze(-1).tolist()
         top = None
@@ -447,10 +470,13 @@ class Batcher:
         seqs = self.seqs
         tokens = torch.tensor([s.last for s in seqs], device=self.device)
         positions = torch.tensor([s.pos for s in seqs], device=self.device)
-        self.cache.plan_decode(positions)
-        mask = decode_mask(positions, int(positions.max()) + 1, self.window)
-        logits = self.model(tokens[:, None], positions=positions[:, None], cache=self.cache, attn_mask=mask)
-        self.logits = logits[:, -1].float()
+        width = int(positions.max()) + 1
+        logits = []
+        for model, cache in zip(self.members, self.caches):
+            cache.plan_decode(positions)
+            mask = decode_mask(positions, width, model.config.sliding_window)
+            logits.append(model(tokens[:, None], positions=positions[:, None], cache=cache, attn_mask=mask)[:, -1])
+        self.logits = self._scores(logits)
         for s in seqs:
             s.pos += 1
 

@@ -65,16 +65,27 @@ def build_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str 
 
 def serve(model_spec: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
           tokenizer: str | Path | None = None, device: str = "cpu", dtype=None,
-          model_name: str | None = None, log_level: str = "info", **options) -> None:
+          model_name: str | None = None, log_level: str = "info", expert: str | Path | None = None,
+          anti_expert: str | Path | None = None, alpha: float = 1.0, **options) -> None:
     """Serve a checkpoint until interrupted. `options` are ServeConfig fields
-    (api_key, max_batch, max_queue, max_tokens, max_n, max_body_bytes, ...)."""
+    (api_key, max_batch, max_queue, max_tokens, max_n, max_body_bytes, ...).
+    With `expert` and `anti_expert`, MODEL is the base of a proxy-tuned trio served as one
+    model (all three must share the tokenizer)."""
     known = {f.name for f in dataclasses.fields(ServeConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise LmlabError(f"unknown serve option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if (expert is None) != (anti_expert is None):
+        raise LmlabError("proxy-tuning needs both --expert and --anti-expert (or neither)")
     model, tok, template = load_for_serving(model_spec, tokenizer, device, dtype)
+    proxy = None
+    if expert is not None:
+        from lmlab import load_model
+
+        proxy = (load_model(expert, device=device, dtype=dtype), load_model(anti_expert, device=device, dtype=dtype),
+                 float(alpha))
     name = model_name or Path(model_spec).name
-    app = create_app(model, tok, ServeConfig(model_name=name, **options), chat_template=template)
+    app = create_app(model, tok, ServeConfig(model_name=name, **options), chat_template=template, proxy=proxy)
     log.info("serving %s on http://%s:%d (chat template: %s)", name, host, port,
              type(template).__name__ if template else "none")
     build_server(app, host, port, log_level).run()
