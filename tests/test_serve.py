@@ -418,3 +418,29 @@ def test_a_proxy_tuned_trio_served_as_one_model(model):
         assert out.choices[0].text == TOK.decode(toks[:cut])
     finally:
         running.close()
+
+
+def test_load_for_serving_a_hugging_face_directory(tmp_path):
+    from lmlab.interop.hf import save_hf
+    from lmlab.serve.server import load_for_serving
+    from lmlab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["some text to learn from"] * 10, vocab_size=300)
+    torch.manual_seed(6)
+    m = build_model(get_preset("nano").replace(vocab_size=300)).eval()
+    save_hf(m, tmp_path / "hf")
+    tok.save(tmp_path / "hf" / "tokenizer.json")
+    model, tokenizer, _ = load_for_serving(tmp_path / "hf")
+    ids = [tokenizer.bos_id] + tokenizer.encode("some")
+    assert generate(model, [ids], 6)[0].tokens == generate(m, [ids], 6)[0].tokens
+
+
+def test_serve_options_are_checked():
+    from lmlab.errors import LmlabError
+
+    with pytest.raises(LmlabError, match="max_batch"):
+        ServeConfig(max_batch=0)
+    with pytest.raises(LmlabError, match="unknown serve option"):
+        from lmlab.serve.server import serve
+
+        serve("anything", max_bach=3)

@@ -14,7 +14,6 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -25,25 +24,10 @@ from lmlab.decode.generate import SamplingParams
 from lmlab.errors import LmlabError
 from lmlab.serve import protocol as P
 from lmlab.serve.batcher import Batcher, Failed, Finished, GenParams, PromptLogprobs, QueueFull, Token
+from lmlab.serve.config import ServeConfig
 
 log = logging.getLogger("lmlab.serve")
-
-
-@dataclass
-class ServeConfig:
-    model_name: str = "lmlab"
-    api_key: str | None = None  # when set, /v1/*, /tokenize and /detokenize need "Bearer <key>"
-    max_batch: int = 32  # sequences decoded together (1: one request at a time)
-    max_queue: int = 256  # requests waiting for a batch row before 429
-    max_tokens: int = 1024  # the largest max_tokens a request may ask for
-    default_max_tokens: int = 16  # completions without max_tokens (OpenAI's default)
-    max_prompt_tokens: int | None = None  # default: the model's context
-    max_n: int = 8
-    max_prompts: int = 32  # prompts in one completions request
-    max_logprobs: int = 20
-    max_body_bytes: int = 1 << 20
-    max_prefill_tokens: int = 4096
-    max_len: int | None = None  # cache length per row; default: the model's context
+__all__ = ["ServeConfig", "create_app"]
 
 
 # ---- helpers --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from lmlab.errors import LmlabError
-from lmlab.serve.app import ServeConfig, create_app
+from lmlab.serve.config import ServeConfig
 
 log = logging.getLogger("lmlab.serve")
 
@@ -75,6 +75,10 @@ def serve(model_spec: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     unknown = sorted(set(options) - known)
     if unknown:
         raise LmlabError(f"unknown serve option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        from lmlab.serve.app import create_app
+    except ImportError:
+        raise LmlabError("serving needs FastAPI and uvicorn: pip install 'lmlab[serve]'") from None
     if (expert is None) != (anti_expert is None):
         raise LmlabError("proxy-tuning needs both --expert and --anti-expert (or neither)")
     model, tok, template = load_for_serving(model_spec, tokenizer, device, dtype)
