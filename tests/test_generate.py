@@ -131,3 +131,31 @@ def test_sampled_frequencies_follow_top_k_distribution():
     freq = torch.bincount(draws, minlength=5).float() / 20000
     assert freq[2:].sum() == 0
     assert math.isclose(float(freq[0]), 0.5 / 0.7, abs_tol=0.015)
+
+
+# ---- sampling parameters are validated before they reach the sampler ------------------
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"temperature": -0.5}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_k": 0}, "top_k"),
+    ({"top_k": 2.5}, "top_k"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"min_p": -0.1}, "min_p"),
+    ({"min_p": 2}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+])
+def test_bad_sampling_params_name_the_field(model, kwargs, field):
+    from lmlab.decode.generate import SamplingParams
+
+    with pytest.raises(LmlabError, match=field):
+        SamplingParams(**kwargs)
+    with pytest.raises(LmlabError, match=field):
+        generate(model, [[1, 2]], 2, **kwargs)
+
+
+@pytest.mark.parametrize("n", [0, -3, 1.5, True])
+def test_bad_max_new_tokens_is_refused(model, n):
+    with pytest.raises(LmlabError, match="max_new_tokens"):
+        generate(model, [[1, 2]], n)

@@ -7,6 +7,7 @@ is done (or is stopped early), so a step never reshapes or copies the cache.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -24,13 +25,40 @@ class Generation:
     text: str | None = None  # decoded new text, cut before a stop string (needs decode)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """How the next token is chosen; every field is checked here, so a bad value fails with
+    its name and range instead of reaching the sampler."""
     temperature: float = 0.0  # 0: greedy
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise LmlabError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
+                                       or self.top_k < 1):
+            raise LmlabError(f"top_k must be an integer >= 1 (or None for no limit), got {self.top_k!r}")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
+            raise LmlabError(f"top_p must be a number in (0, 1] (or None), got {self.top_p!r}")
+        if self.min_p is not None and (not _is_number(self.min_p) or not 0 <= self.min_p <= 1):
+            raise LmlabError(f"min_p must be a number in [0, 1] (or None), got {self.min_p!r}")
+        if self.repetition_penalty is not None and (not _is_number(self.repetition_penalty)
+                                                    or self.repetition_penalty <= 0):
+            raise LmlabError(f"repetition_penalty must be a number > 0 (1 is none; or None), "
+                             f"got {self.repetition_penalty!r}")
+
+
+def check_max_new_tokens(max_new_tokens) -> int:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise LmlabError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    return max_new_tokens
 
 
 @dataclass
@@ -126,9 +154,10 @@ def stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temp
     `results`, if given, is filled with one `Generation` per prompt as decoding goes.
     `next_logits`, if given, replaces the single-model forward: it receives the tokens just
     sampled (None before the first step) and returns (B, V) scores (used by proxy-tuning)."""
+    check_max_new_tokens(max_new_tokens)
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
     if stop and decode is None:
         raise LmlabError("stop strings need a decode function (pass decode=tokenizer.decode)")
-    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
     if next_logits is None:
         decoder = Decoder(model, prompts, max_new_tokens, pad_id)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmlab.decode.generate import Decoder, Generation
+from lmlab.decode.generate import Decoder, Generation, SamplingParams, check_max_new_tokens
 from lmlab.decode.sampling import process_logits
 from lmlab.errors import LmlabError
 
@@ -53,6 +53,8 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
         )
     if k < 1:
         raise LmlabError(f"k (tokens proposed per round) must be at least 1, got {k}")
+    check_max_new_tokens(max_new_tokens)
+    SamplingParams(temperature, top_k, top_p, min_p)  # validates every field
     generator = None
     if seed is not None:
         generator = torch.Generator(device=next(target.parameters()).device).manual_seed(seed)
