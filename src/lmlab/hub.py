@@ -80,7 +80,10 @@ def _open_adapter(path: Path, meta: dict, device, dtype, merge_adapters: bool):
 
 def _open_hf(path: Path, device="cpu", dtype=None, merge_adapters: bool = True):
     from lmlab.interop.hf import load_hf_model
+    from lmlab.interop.hf_reward import is_hf_reward_dir, load_hf_reward_model
 
+    if is_hf_reward_dir(path):  # *ForSequenceClassification: a reward model
+        return load_hf_reward_model(path, device=device, dtype=dtype)
     return load_hf_model(path, device=device, dtype=dtype)
 
 

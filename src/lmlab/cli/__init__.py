@@ -8,7 +8,8 @@ import sys
 from lmlab.errors import LmlabError
 
 # Command-group modules, each with `add_commands(subparsers)`.
-GROUPS = ("lmlab.cli.model", "lmlab.cli.data", "lmlab.cli.train", "lmlab.cli.decode")
+GROUPS = ("lmlab.cli.model", "lmlab.cli.data", "lmlab.cli.train", "lmlab.cli.align", "lmlab.cli.decode",
+          "lmlab.cli.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,13 +22,16 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from lmlab.interop import hf
+    from lmlab.interop import hf, hf_reward
 
     if args.direction == "from-hf":
         import torch
 
         dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
-        out = hf.convert_from_hf(args.src, args.out, dtype=dtype)
+        convert = hf_reward.convert_reward_from_hf if hf_reward.is_hf_reward_dir(args.src) else hf.convert_from_hf
+        out = convert(args.src, args.out, dtype=dtype)
+    elif hf_reward.is_reward_dir(args.src):
+        out = hf_reward.convert_reward_to_hf(args.src, args.out, allow_pad_eos=args.allow_pad_eos)
     else:
         out = hf.convert_to_hf(args.src, args.out, max_shard_bytes=hf.parse_size(args.max_shard_size))
     print(f"wrote {out}")
@@ -54,6 +57,9 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
                    help="from-hf: cast the weights (default: keep the stored dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="to-hf: shard the weights above this size (default 5GB)")
+    p.add_argument("--allow-pad-eos", action="store_true",
+                   help="to-hf, reward models: export even though pad == eos (transformers then scores "
+                        "the token before a trailing EOS)")
     p.set_defaults(func=cmd_convert)
 
     adapter = sub.add_parser("adapter", help="LoRA/DoRA adapters saved by `lmlab finetune`").add_subparsers(

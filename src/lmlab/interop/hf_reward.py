@@ -161,3 +161,11 @@ def convert_reward_from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: torch
 def is_reward_dir(path: str | Path) -> bool:
     """True for an lmlab reward checkpoint (what `lmlab convert to-hf` should route here)."""
     return is_lmlab_dir(path) and read_config_json(path).get("kind") == RewardModel.kind
+
+
+def is_hf_reward_dir(path: str | Path) -> bool:
+    """True for a Hugging Face sequence-classification directory."""
+    path = Path(path)
+    if not (path / "config.json").is_file() or is_lmlab_dir(path):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in read_config_json(path).get("architectures") or [])
