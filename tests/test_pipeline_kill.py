@@ -1,0 +1,106 @@
+"""kill -9 during a stage, then `lmlab run --resume`: the run completes with the same final
+metrics as an uninterrupted one. Tested in the pretrain and the sft stages (default tier,
+one kill each); the slow tier kills at random moments many times."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_pipeline_recipe import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+# Enough steps that a kill lands mid-stage; float32 so both runs compute identically.
+SETS = [s for s in TINY if not s.startswith(("train=", "sft.train="))] + [
+    "train={steps: 30, batch_size: 4, log_every: 1, progress: false, precision: float32, checkpoint_every: 3}",
+    "sft.train={steps: 30, batch_size: 4, progress: false, precision: float32, checkpoint_every: 3, lr: 1.0e-2}",
+]
+
+
+def command(run_dir: Path, corpus: Path, resume: bool) -> list[str]:
+    sets = [*SETS, f"data.source={corpus}"]
+    return [sys.executable, "-m", "lmlab", "run", "--run-dir", str(run_dir),
+            *(["--resume"] if resume else []), *[x for s in sets for x in ("--set", s)]]
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+
+
+def run_to_end(run_dir, corpus, resume=False):
+    out = subprocess.run(command(run_dir, corpus, resume), env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def kill_when(run_dir, corpus, resume, ready, timeout=240):
+    """Start the run; SIGKILL it as soon as `ready(run_dir)` holds."""
+    proc = subprocess.Popen(command(run_dir, corpus, resume), env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ready(run_dir):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode
+
+
+def has_checkpoint(stage, at_least=1):
+    def ready(run_dir):
+        root = run_dir / stage / "checkpoints"
+        return root.is_dir() and len([p for p in root.glob("step-*")]) >= at_least
+    return ready
+
+
+def final_metrics(run_dir: Path) -> dict:
+    report = json.loads((run_dir / "sft/finetune_report.json").read_text())
+    evaluated = json.loads((run_dir / "eval/world_eval.json").read_text())
+    losses = [json.loads(line).get("loss") for line in (run_dir / "pretrain/metrics.jsonl").read_text().splitlines()]
+    return {"pretrain_losses": [x for x in losses if x is not None],
+            "sft": {k: report[k] for k in ("final_train_loss", "val_loss", "answer_exact_match", "steps")},
+            "eval": {k: evaluated[k] for k in ("gold_reward_dense", "gold_reward_sparse", "examples")}}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(f"sort the list {i} then {i + 1} and {i * 7 % 11}: done." for i in range(200)))
+    return path
+
+
+def test_kill_in_pretrain_and_in_sft_then_resume_matches_uninterrupted(tmp_path, corpus):
+    straight = tmp_path / "straight"
+    run_to_end(straight, corpus)
+    run = tmp_path / "killed"
+    assert kill_when(run, corpus, False, has_checkpoint("pretrain")) == -signal.SIGKILL
+    assert not (run / "pretrain/stage.json").exists()
+    assert kill_when(run, corpus, True, has_checkpoint("sft")) == -signal.SIGKILL
+    assert (run / "pretrain/stage.json").exists() and not (run / "sft/stage.json").exists()
+    run_to_end(run, corpus, resume=True)
+    assert final_metrics(run) == final_metrics(straight)
+
+
+@pytest.mark.slow
+def test_random_kills_across_the_whole_run(tmp_path, corpus):
+    """Killed at random moments (inside checkpoint writes too) until the run completes."""
+    straight = tmp_path / "straight"
+    run_to_end(straight, corpus)
+    run, rng, kills = tmp_path / "killed", random.Random(0), 0
+    while not (run / "eval/stage.json").exists() and kills < 12:
+        delay = rng.uniform(2.0, 8.0)
+        start = time.monotonic()
+        kill_when(run, corpus, run.exists(), lambda _: time.monotonic() - start > delay)
+        kills += 1
+    run_to_end(run, corpus, resume=True)
+    assert final_metrics(run) == final_metrics(straight)
+    assert kills >= 3
