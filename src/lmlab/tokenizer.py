@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Iterable
 
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_path, read_json
+from lmlab.io import atomic_path, check_output_file, read_json
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>"}
@@ -69,8 +69,10 @@ class Tokenizer:
         return self.backend.decode(ids, skip_special_tokens=skip_special)
 
     # ---- persistence ------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """tokenizer.json for BPE; the serialized model proto for sentencepiece."""
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """tokenizer.json for BPE; the serialized model proto for sentencepiece. Written
+        atomically; an existing file that is not a tokenizer is refused unless `overwrite`."""
+        check_output_file(path, overwrite=overwrite, is_ours=is_tokenizer_file, what="tokenizer file")
         with atomic_path(path) as tmp:
             if self.kind == "spm":
                 tmp.write_bytes(self.backend.serialized_model_proto())
@@ -93,6 +95,24 @@ class Tokenizer:
         if head == b"{":
             return _load_hf(path)
         return _load_spm(path)
+
+
+def is_tokenizer_file(path: str | Path) -> bool:
+    """Whether `path` loads as a tokenizer (so replacing it loses no one's other data)."""
+    try:
+        Tokenizer.load(path)
+    except LmlabError:
+        return False
+    return True
+
+
+def check_vocab_fits(tokenizer_vocab: int, model_vocab: int, where: str = "the model") -> None:
+    """A tokenizer with more tokens than the model's embedding would index past it."""
+    if tokenizer_vocab > model_vocab:
+        raise LmlabError(
+            f"the tokenizer has {tokenizer_vocab} tokens but {where} has a vocabulary of {model_vocab}; "
+            "use the tokenizer the model was trained with (or a model with a larger vocabulary)"
+        )
 
 
 def _config_token(config: dict, key: str) -> str | None:
