@@ -13,7 +13,6 @@ Two templates:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
@@ -21,7 +20,7 @@ from typing import Any, Iterable, Protocol, Sequence
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.io import read_json
+from lmlab.io import iter_jsonl, read_json
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # target value cross_entropy skips
@@ -93,19 +92,11 @@ def conversation_from_record(record: Any, source: str) -> Conversation:
 
 def read_chat_jsonl(path: str | Path) -> list[Conversation]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise LmlabError(f"chat data file not found: {path}")
     conversations = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{source}: malformed JSON ({e.msg}); fix or delete the line") from None
-            conversations.append(conversation_from_record(record, source))
+    for n, record in iter_jsonl(path):  # malformed, truncated or non-UTF-8 lines: file:line
+        conversations.append(conversation_from_record(record, f"{path}:{n}"))
     if not conversations:
         raise LmlabError(f"{path} holds no conversations")
     return conversations
@@ -252,11 +243,19 @@ class JinjaTemplate:
         return [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
 
 
-def encode_conversations(conversations: Iterable[Conversation], template, max_len: int) -> list[Example]:
-    """Encode and check that every conversation fits `max_len` (the model's context)."""
+def encode_conversations(conversations: Iterable[Conversation], template, max_len: int,
+                         vocab_size: int | None = None) -> list[Example]:
+    """Encode and check that every conversation fits `max_len` (the model's context) and,
+    given the model's `vocab_size`, that every token id has a row in its embedding."""
     examples = []
     for conv in conversations:
         ex = template.encode(conv)
+        if vocab_size is not None and ex.ids and not 0 <= min(ex.ids) <= max(ex.ids) < vocab_size:
+            bad = next(i for i in ex.ids if not 0 <= i < vocab_size)
+            raise LmlabError(
+                f"{conv.source}: token id {bad} is outside the model's vocabulary of {vocab_size}; "
+                "the tokenizer does not belong to this model: use the one it was trained with"
+            )
         # Training reads ids[:-1] as inputs, so a conversation of max_len + 1 ids still fits.
         if len(ex.ids) - 1 > max_len:
             raise LmlabError(
