@@ -190,11 +190,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
     def counted(it):
         for t in it:
-            seen["any"] = True
+            if not isinstance(t, str):
+                raise LmlabError(f"a document is {type(t).__name__}, not text; give strings (or a path)")
+            seen["any"] = seen["any"] or bool(t.strip())
             yield t
 
     backend.train_from_iterator(counted(texts), trainer)
     if not seen["any"]:
-        raise LmlabError("cannot train a tokenizer on an empty corpus: give at least one document")
+        raise LmlabError("cannot train a tokenizer on an empty corpus (no document has any text beyond "
+                         "whitespace): give at least one document")
     lookup = backend.token_to_id
     return Tokenizer(backend, "hf", lookup(BOS), lookup(EOS), lookup(PAD))

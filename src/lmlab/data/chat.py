@@ -169,6 +169,7 @@ class JinjaTemplate:
     def __init__(self, template: str, tokenizer: TokenizerLike, bos_token: str = "",
                  eos_token: str = "") -> None:
         try:
+            import jinja2
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:  # pragma: no cover - jinja2 is a core dependency
             raise LmlabError("rendering a stored chat_template needs jinja2: pip install jinja2") from None
@@ -176,9 +177,23 @@ class JinjaTemplate:
         def raise_exception(message: str):
             raise LmlabError(f"chat template refused the conversation: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        class Sandbox(ImmutableSandboxedEnvironment):
+            # Jinja's sandbox turns an unsafe attribute (__class__, __globals__, ...) into an
+            # undefined value that fails only when used further; refuse it at once instead,
+            # so a template probing for Python internals is an error, never a silent "".
+            def unsafe_undefined(self, obj, attribute):
+                raise LmlabError(
+                    f"chat template refused: it reaches for {attribute!r} of a {type(obj).__name__}, "
+                    "which the sandbox forbids; this template is not a plain chat template, do not use it"
+                )
+
+        env = Sandbox(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        self.template = env.from_string(template)
+        self._template_errors = (jinja2.TemplateError,)
+        try:
+            self.template = env.from_string(template)
+        except jinja2.TemplateError as e:
+            raise LmlabError(f"the chat template does not parse ({e}); fix it or use lmlab's template") from None
         self.tokenizer = tokenizer
         self.bos_token, self.eos_token = bos_token, eos_token
 
@@ -200,8 +215,12 @@ class JinjaTemplate:
         return cls(template, tokenizer, token_text(config.get("bos_token")), token_text(config.get("eos_token")))
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.bos_token, eos_token=self.eos_token)
+        try:
+            return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
+        except self._template_errors as e:  # SecurityError included: the sandbox said no
+            raise LmlabError(f"the chat template failed to render ({type(e).__name__}: {e}); "
+                             "fix it or use lmlab's template") from None
 
     def encode(self, conv: Conversation) -> Example:
         ids: list[int] = []
