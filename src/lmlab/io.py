@@ -196,17 +196,23 @@ def staged_dir(dest: str | os.PathLike, overwrite: bool = False,
                          "and lmlab did not write it; choose a new directory, or pass overwrite (--overwrite) "
                          "to replace only the files this command writes")
     staging: Path | None = None
-    with os_errors(dest):
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            _remove_dead_staging(dest)
-            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}{STAGING_TAG}{os.getpid()}-", dir=dest.parent))
-            os.chmod(staging, 0o777 & ~UMASK)
-            yield staging
-            _commit(staging, dest, owned, marker, overwrite)
-        finally:
-            if staging is not None and staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with os_errors(dest):
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _remove_dead_staging(dest)
+                staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}{STAGING_TAG}{os.getpid()}-", dir=dest.parent))
+                os.chmod(staging, 0o777 & ~UMASK)
+                yield staging
+                _commit(staging, dest, owned, marker, overwrite)
+            finally:
+                if staging is not None and staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
+    except LmlabError as e:
+        # Name the destination the user gave, not the hidden staging directory.
+        if staging is not None and str(staging) in str(e):
+            raise LmlabError(str(e).replace(str(staging), str(dest))) from e
+        raise
 
 
 def _commit(staging: Path, dest: Path, owned, marker: str | None, overwrite: bool) -> None:
