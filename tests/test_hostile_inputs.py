@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
