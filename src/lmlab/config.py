@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, fields, replace
@@ -48,6 +49,15 @@ class RopeScaling:
         return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_seq_len))
 
 
+# Upper bounds on model sizes: each is far beyond any published model (Llama 3.1 405B has
+# d_model 16384, 126 layers, FFN 53248, a 128k vocabulary and context), so only typos hit them.
+SIZE_LIMITS = {
+    "vocab_size": 1 << 24, "d_model": 1 << 17, "n_layers": 1 << 12, "n_heads": 1 << 12,
+    "n_kv_heads": 1 << 12, "head_dim": 1 << 12, "ffn_hidden": 1 << 20, "max_seq_len": 1 << 24,
+    "sliding_window": 1 << 24, "n_experts": 1 << 12, "top_k": 1 << 12,
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "custom"
@@ -84,9 +94,27 @@ class ModelConfig:
     reference: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise LmlabError(f"model.{name} must be positive, got {getattr(self, name)}")
+        # Sizes are checked before anything loops over layers or allocates: a typo such as
+        # n_layers: 1e30 must be an error, not a hang or an out-of-memory kill.
+        for name, top in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if value is None and name in ("n_kv_heads", "head_dim", "sliding_window"):
+                continue
+            low = 0 if name in ("n_experts", "top_k") else 1
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= top:
+                raise LmlabError(f"model.{name} must be an integer in {low}..{top:,}, got {value!r}")
+        for name in ("n_heads_per_layer", "n_kv_heads_per_layer", "ffn_hidden_per_layer"):
+            values = getattr(self, name)
+            top = SIZE_LIMITS["ffn_hidden" if name.startswith("ffn") else "n_heads"]
+            if values is not None and any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v <= top
+                                          for v in values):
+                raise LmlabError(f"model.{name} entries must be integers in 1..{top:,}, got {values!r}")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise LmlabError(f"model.{name} must be a positive finite number, got {value!r}")
+        if not 0 <= self.moe_aux_loss_weight < math.inf or not 0 <= self.moe_z_loss_weight < math.inf:
+            raise LmlabError("model.moe_aux_loss_weight and moe_z_loss_weight must be finite and non-negative")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise LmlabError(
                 f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
@@ -185,6 +213,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation in (int, float) and isinstance(value, bool):
+        raise LmlabError(f"{where} must be {annotation.__name__}, got {value!r}")
     if annotation in (int, float, str, bool) and not isinstance(value, annotation):
         if annotation is float and isinstance(value, str):
             try:
@@ -216,12 +246,30 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise LmlabError(f"config file {path} is a directory; give the recipe's .yaml file")
     if not path.is_file():
         raise LmlabError(f"config file not found: {path} (check the path, or list recipes/)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except OSError as e:
+        raise LmlabError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from None
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise LmlabError(f"{path}:{line}: not UTF-8 text; re-save the file as UTF-8") from None
+    try:
+        # safe_load only: a tag such as !!python/object/apply never constructs anything.
+        data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else "?"
+        raise LmlabError(f"{path}:{line}: YAML tags that construct objects are not allowed ({e.problem}); "
+                         "write plain values") from None
     except yaml.YAMLError as e:
-        raise LmlabError(f"{path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise LmlabError(f"{where}: not valid YAML ({problem}); fix the syntax there") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Iterable
 
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_path, read_json
+from lmlab.io import atomic_path, check_output_file, read_json
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>"}
@@ -77,8 +77,10 @@ class Tokenizer:
         return self.backend.decode(ids, skip_special_tokens=skip_special)
 
     # ---- persistence ------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """tokenizer.json for BPE; the serialized model proto for sentencepiece."""
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """tokenizer.json for BPE; the serialized model proto for sentencepiece. Written
+        atomically; an existing file that is not a tokenizer is refused unless `overwrite`."""
+        check_output_file(path, overwrite=overwrite, is_ours=is_tokenizer_file, what="tokenizer file")
         with atomic_path(path) as tmp:
             if self.kind == "spm":
                 tmp.write_bytes(self.backend.serialized_model_proto())
@@ -101,6 +103,24 @@ class Tokenizer:
         if head == b"{":
             return _load_hf(path)
         return _load_spm(path)
+
+
+def is_tokenizer_file(path: str | Path) -> bool:
+    """Whether `path` loads as a tokenizer (so replacing it loses no one's other data)."""
+    try:
+        Tokenizer.load(path)
+    except LmlabError:
+        return False
+    return True
+
+
+def check_vocab_fits(tokenizer_vocab: int, model_vocab: int, where: str = "the model") -> None:
+    """A tokenizer with more tokens than the model's embedding would index past it."""
+    if tokenizer_vocab > model_vocab:
+        raise LmlabError(
+            f"the tokenizer has {tokenizer_vocab} tokens but {where} has a vocabulary of {model_vocab}; "
+            "use the tokenizer the model was trained with (or a model with a larger vocabulary)"
+        )
 
 
 def _config_token(config: dict, key: str) -> str | None:
@@ -199,11 +219,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
     def counted(it):
         for t in it:
-            seen["any"] = True
+            if not isinstance(t, str):
+                raise LmlabError(f"a document is {type(t).__name__}, not text; give strings (or a path)")
+            seen["any"] = seen["any"] or bool(t.strip())
             yield t
 
     backend.train_from_iterator(counted(texts), trainer)
     if not seen["any"]:
-        raise LmlabError("cannot train a tokenizer on an empty corpus: give at least one document")
+        raise LmlabError("cannot train a tokenizer on an empty corpus (no document has any text beyond "
+                         "whitespace): give at least one document")
     lookup = backend.token_to_id
     return Tokenizer(backend, "hf", lookup(BOS), lookup(EOS), lookup(PAD), add_bos=True)

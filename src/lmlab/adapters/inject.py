@@ -200,14 +200,14 @@ def load_adapter_config(directory: str | Path) -> AdapterConfig:
 
 def load_adapter(model: nn.Module, directory: str | Path) -> ParameterReport:
     """Adapt `model` as the saved config says and load the saved adapter weights into it."""
-    from safetensors.torch import load_file
+    from lmlab.checkpoint import load_state_dict
 
     cfg = load_adapter_config(directory)
     weights = Path(directory) / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise LmlabError(f"no {ADAPTER_WEIGHTS} in {directory}: the adapter was not saved completely")
     report = apply_adapters(model, cfg)
-    state = load_file(str(weights))
+    state = load_state_dict(weights)  # a truncated or non-safetensors file is an LmlabError
     own = {f"{n}.{k}": t for n, m in adapter_modules(model).items() for k, t in m.adapter_state().items()}
     own.update(trainable_base_parameters(model, cfg.trainable))
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))

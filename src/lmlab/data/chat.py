@@ -13,7 +13,6 @@ Two templates:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
@@ -22,7 +21,7 @@ import torch
 
 from lmlab.data import IGNORE_INDEX, PAD_DOC
 from lmlab.errors import LmlabError
-from lmlab.io import read_json
+from lmlab.io import iter_jsonl, read_json
 
 ROLES = ("system", "user", "assistant")
 
@@ -92,19 +91,11 @@ def conversation_from_record(record: Any, source: str) -> Conversation:
 
 def read_chat_jsonl(path: str | Path) -> list[Conversation]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise LmlabError(f"chat data file not found: {path}")
     conversations = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{source}: malformed JSON ({e.msg}); fix or delete the line") from None
-            conversations.append(conversation_from_record(record, source))
+    for n, record in iter_jsonl(path):  # malformed, truncated or non-UTF-8 lines: file:line
+        conversations.append(conversation_from_record(record, f"{path}:{n}"))
     if not conversations:
         raise LmlabError(f"{path} holds no conversations")
     return conversations
@@ -197,6 +188,7 @@ class JinjaTemplate:
     def __init__(self, template: str, tokenizer: TokenizerLike, bos_token: str = "",
                  eos_token: str = "") -> None:
         try:
+            import jinja2
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:  # pragma: no cover - jinja2 is a core dependency
             raise LmlabError("rendering a stored chat_template needs jinja2: pip install jinja2") from None
@@ -204,9 +196,23 @@ class JinjaTemplate:
         def raise_exception(message: str):
             raise LmlabError(f"chat template refused the conversation: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        class Sandbox(ImmutableSandboxedEnvironment):
+            # Jinja's sandbox turns an unsafe attribute (__class__, __globals__, ...) into an
+            # undefined value that fails only when used further; refuse it at once instead,
+            # so a template probing for Python internals is an error, never a silent "".
+            def unsafe_undefined(self, obj, attribute):
+                raise LmlabError(
+                    f"chat template refused: it reaches for {attribute!r} of a {type(obj).__name__}, "
+                    "which the sandbox forbids; this template is not a plain chat template, do not use it"
+                )
+
+        env = Sandbox(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        self.template = env.from_string(template)
+        self._template_errors = (jinja2.TemplateError,)
+        try:
+            self.template = env.from_string(template)
+        except jinja2.TemplateError as e:
+            raise LmlabError(f"the chat template does not parse ({e}); fix it or use lmlab's template") from None
         self.tokenizer = tokenizer
         self.bos_token, self.eos_token = bos_token, eos_token
 
@@ -230,8 +236,12 @@ class JinjaTemplate:
         return cls(template, tokenizer, token_text(config.get("bos_token")), token_text(config.get("eos_token")))
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.bos_token, eos_token=self.eos_token)
+        try:
+            return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
+        except self._template_errors as e:  # SecurityError included: the sandbox said no
+            raise LmlabError(f"the chat template failed to render ({type(e).__name__}: {e}); "
+                             "fix it or use lmlab's template") from None
 
     def encode(self, conv: Conversation) -> Example:
         ids: list[int] = []
@@ -273,11 +283,19 @@ class JinjaTemplate:
         return [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
 
 
-def encode_conversations(conversations: Iterable[Conversation], template, max_len: int) -> list[Example]:
-    """Encode and check that every conversation fits `max_len` (the model's context)."""
+def encode_conversations(conversations: Iterable[Conversation], template, max_len: int,
+                         vocab_size: int | None = None) -> list[Example]:
+    """Encode and check that every conversation fits `max_len` (the model's context) and,
+    given the model's `vocab_size`, that every token id has a row in its embedding."""
     examples = []
     for conv in conversations:
         ex = template.encode(conv)
+        if vocab_size is not None and ex.ids and not 0 <= min(ex.ids) <= max(ex.ids) < vocab_size:
+            bad = next(i for i in ex.ids if not 0 <= i < vocab_size)
+            raise LmlabError(
+                f"{conv.source}: token id {bad} is outside the model's vocabulary of {vocab_size}; "
+                "the tokenizer does not belong to this model: use the one it was trained with"
+            )
         # Training reads ids[:-1] as inputs, so a conversation of max_len + 1 ids still fits.
         if len(ex.ids) - 1 > max_len:
             raise LmlabError(

@@ -10,6 +10,10 @@ Directory layout:
     train-00000.bin, ...   raw uint16/uint32 tokens: n_rows * seq_len + 1 per shard
     val-00000.bin, ...
     manifest.json          written last: its presence means the directory is complete
+
+The directory is built beside `out_dir` and swapped in only when complete (`lmlab.io.staged_dir`),
+so a bad input, an empty corpus or a crash leaves a previous build untouched, and a
+directory holding anything but a previous build is refused unless `overwrite=True`.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_path, read_json, write_json_atomic
+from lmlab.io import atomic_path, read_json, staged_dir, write_json_atomic
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -90,15 +94,27 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def previous_build(out_dir: Path) -> list[str]:
+    """The entries of `out_dir` a finished shard build wrote: its manifest and the shards it lists."""
+    try:
+        manifest = read_json(out_dir / MANIFEST, "")
+        if not isinstance(manifest, dict) or manifest.get("format") != "lmlab-shards":
+            return []
+        return [MANIFEST] + [s["file"] for split in manifest["splits"].values() for s in split["shards"]]
+    except (LmlabError, KeyError, TypeError, AttributeError):
+        return []
+
+
 def build_shards(source, tokenizer, out_dir: str | Path, seq_len: int, val_fraction: float = 0.01,
                  text_field: str = "text", rows_per_shard: int = 8192, batch_docs: int = 256,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, overwrite: bool = False) -> dict:
     """Tokenize `source` (a path, or an iterable of documents) into shards in `out_dir`.
 
-    Returns the manifest. Raises LmlabError for an empty corpus or one too small to fill
-    a single training row of `seq_len + 1` tokens."""
-    from tqdm import tqdm
-
+    Blank (empty or whitespace-only) documents are skipped. Returns the manifest. Raises
+    LmlabError, leaving `out_dir` as it was, for a corpus with no text or one too small to
+    fill a single training row of `seq_len + 1` tokens, and for an `out_dir` that holds
+    anything but a previous shard build (unless `overwrite`: then only the files of this
+    build and of the previous one are replaced, others are kept)."""
     from lmlab.data.sources import read_texts
 
     if seq_len < 1:
@@ -107,15 +123,32 @@ def build_shards(source, tokenizer, out_dir: str | Path, seq_len: int, val_fract
         raise LmlabError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if tokenizer.eos_id is None:
         raise LmlabError("the tokenizer has no EOS token, which separates documents in shards; use one that has")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / MANIFEST).exists():
-        (out_dir / MANIFEST).unlink()  # the directory is incomplete until rebuilt
-    for old in out_dir.glob("*.bin"):
-        old.unlink()
+    inputs = [source] if isinstance(source, (str, os.PathLike)) else []
+    with staged_dir(out_dir, overwrite=overwrite, owned=previous_build, marker=MANIFEST, inputs=inputs,
+                    what="shard directory") as staging:
+        texts = read_texts(source, text_field) if inputs else source
+        return _build(texts, tokenizer, staging, seq_len, val_fraction, rows_per_shard, batch_docs, progress)
+
+
+def _build(texts, tokenizer, out_dir: Path, seq_len: int, val_fraction: float, rows_per_shard: int,
+           batch_docs: int, progress: bool) -> dict:
+    from tqdm import tqdm
+
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: _SplitWriter(out_dir, s, seq_len, rows_per_shard, dtype) for s in SPLITS}
-    texts = read_texts(source, text_field) if isinstance(source, (str, os.PathLike)) else source
+    blank = 0
+
+    def nonblank(docs):
+        nonlocal blank
+        for t in docs:
+            if not isinstance(t, str):
+                raise LmlabError(f"a document is {type(t).__name__}, not text; give strings (or a path)")
+            if t.strip():
+                yield t
+            else:
+                blank += 1
+
+    texts = nonblank(texts)
     start = time.perf_counter()
     bar = tqdm(desc="tokenizing", unit=" docs", disable=not progress)
     eos = tokenizer.eos_id
@@ -127,7 +160,8 @@ def build_shards(source, tokenizer, out_dir: str | Path, seq_len: int, val_fract
     seconds = time.perf_counter() - start
     total_docs = sum(w.documents for w in writers.values())
     if total_docs == 0:
-        raise LmlabError("the corpus is empty: no documents were found; check the data path and text_field")
+        found = f"only {blank} blank (empty or whitespace-only) documents" if blank else "no documents"
+        raise LmlabError(f"the corpus is empty: {found} were found; check the data path and text_field")
     dropped = {s: w.finish() for s, w in writers.items()}
     if not writers["train"].shards:
         raise LmlabError(
@@ -143,6 +177,7 @@ def build_shards(source, tokenizer, out_dir: str | Path, seq_len: int, val_fract
                 "tokens": w.tokens, "dropped_tokens": dropped[s]}
             for s, w in writers.items()
         },
+        "blank_documents_skipped": blank,
         "tokenize_seconds": round(seconds, 3),
         "tokens_per_second": round(tokens / seconds) if seconds > 0 else None,
     }

@@ -3,11 +3,12 @@ and a Hugging Face `datasets` directory saved with `save_to_disk`. Everything st
 documents are yielded one at a time, never collected."""
 from __future__ import annotations
 
-import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from lmlab.errors import LmlabError
+from lmlab.io import iter_jsonl, os_errors, read_json
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 # A big plain-text file is cut at a blank line once a document reaches this size, so that
@@ -18,7 +19,8 @@ MAX_TEXT_DOC_CHARS = 1 << 20
 def _read_text_file(path: Path) -> Iterator[str]:
     parts: list[str] = []
     size = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
+    # Undecodable bytes become U+FFFD: plain text is read leniently, like most tools do.
+    with os_errors(path, "read"), open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             parts.append(line)
             size += len(line)
@@ -30,24 +32,28 @@ def _read_text_file(path: Path) -> Iterator[str]:
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise LmlabError(
-                    f"{path}:{lineno}: no field {text_field!r} (found {keys}); "
-                    "set data.text_field to the field holding the text"
-                )
-            value = record[text_field]
-            if not isinstance(value, str):
-                raise LmlabError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, not text")
-            yield value
+    for lineno, record in iter_jsonl(path):  # malformed, truncated or non-UTF-8: file:line
+        if not isinstance(record, dict) or text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise LmlabError(
+                f"{path}:{lineno}: no field {text_field!r} (found {keys}); "
+                "set data.text_field to the field holding the text"
+            )
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise LmlabError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, not text")
+        yield value
+
+
+@contextmanager
+def _arrow_errors(path: Path, kind: str) -> Iterator[None]:
+    """pyarrow's errors (bad magic bytes, a truncated footer, corrupt pages) name no fix."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        raise LmlabError(f"{path}: not a readable {kind} file ({e}); re-export it or remove it from the data") from None
 
 
 def _column(table, path: Path, text_field: str):
@@ -61,17 +67,23 @@ def _column(table, path: Path, text_field: str):
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    reader = pq.ParquetFile(path)
-    if text_field not in reader.schema_arrow.names:
-        raise LmlabError(f"{path}: no column {text_field!r} (columns: {reader.schema_arrow.names}); set data.text_field")
-    for batch in reader.iter_batches(columns=[text_field], batch_size=4096):
-        yield from (t for t in batch.column(0).to_pylist() if t is not None)
+    with _arrow_errors(path, "Parquet"):
+        reader = pq.ParquetFile(path)
+        if text_field not in reader.schema_arrow.names:
+            raise LmlabError(f"{path}: no column {text_field!r} (columns: {reader.schema_arrow.names}); "
+                             "set data.text_field")
+        for batch in reader.iter_batches(columns=[text_field], batch_size=4096):
+            for t in batch.column(0).to_pylist():
+                if t is not None and not isinstance(t, str):
+                    raise LmlabError(f"{path}: column {text_field!r} holds {type(t).__name__}, not text")
+                if t is not None:
+                    yield t
 
 
 def _read_arrow(path: Path, text_field: str) -> Iterator[str]:
     import pyarrow as pa
 
-    with pa.memory_map(str(path)) as source:
+    with _arrow_errors(path, "Arrow"), pa.memory_map(str(path)) as source:
         try:
             reader = pa.ipc.open_stream(source)
         except pa.ArrowInvalid:
@@ -91,7 +103,7 @@ def read_texts(source: str | Path, text_field: str = "text") -> Iterator[str]:
     if not path.exists():
         raise LmlabError(f"data path does not exist: {path}")
     if is_hf_datasets_dir(path):
-        state = json.loads((path / "state.json").read_text())
+        state = read_json(path / "state.json", "a datasets directory saved with save_to_disk has one")
         files = [path / f["filename"] for f in state.get("_data_files", [])] or sorted(path.glob("*.arrow"))
         for f in files:
             yield from _read_arrow(f, text_field)

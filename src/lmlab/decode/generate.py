@@ -83,6 +83,17 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
     return ids, valid
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "a prompt") -> None:
+    """An id past the embedding would fail deep in the model with an IndexError (or read
+    garbage on some devices): say which tokenizer/model pair is wrong instead."""
+    if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab_size):
+        bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+        raise LmlabError(
+            f"{what} holds token id {bad}, outside the model's vocabulary of {vocab_size}; the tokenizer "
+            "does not belong to this model: use the tokenizer the model was trained with"
+        )
+
+
 class Decoder:
     """Steps a model over a left-padded batch: `prefill` once, then `step(tokens)`.
     Proxy-tuning and speculative decoding drive several of these in lock-step."""
@@ -92,6 +103,7 @@ class Decoder:
         param = next(model.parameters())
         self.device = param.device
         ids, valid = left_pad(prompts, pad_id)
+        check_token_ids(ids[valid], model.config.vocab_size)
         total = ids.shape[1] + max_new_tokens
         limit = model.config.max_seq_len
         if total > limit:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from lmlab.config import ModelConfig, RopeScaling, from_mapping
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_path, read_json, write_json_atomic
+from lmlab.io import atomic_path, read_json, staged_dir, write_json_atomic
 
 FAMILY_MODULES = ("lmlab.interop.llama", "lmlab.interop.phi3", "lmlab.interop.mixtral", "lmlab.interop.openelm")
 
@@ -513,11 +513,6 @@ def save_hf(model, out_dir: str | Path, token_ids: Mapping[str, Any] | None = No
     return out_dir
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise LmlabError(f"output directory {out_dir} is not empty; choose a new directory")
-
-
 def _copy_tokenizer_files(src: Path, dest: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
@@ -528,28 +523,35 @@ def _copy_tokenizer_files(src: Path, dest: Path) -> list[str]:
     return copied
 
 
-def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """HF model directory -> lmlab checkpoint directory (weights, config, tokenizer files)."""
-    from lmlab.checkpoint import save_model
+def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
+                    overwrite: bool = False) -> Path:
+    """HF model directory -> lmlab checkpoint directory (weights, config, tokenizer files).
+
+    `out_dir` is built beside its destination and swapped in when complete; it may not be
+    (or lie inside) `hf_dir`, and a non-empty `out_dir` is refused unless `overwrite`
+    (then only the files written here are replaced)."""
+    from lmlab.checkpoint import CONFIG_FILE, save_model
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise LmlabError(f"Hugging Face model directory not found: {hf_dir}")
-    _check_out_dir(out_dir)
-    hf = read_hf_config(hf_dir)
-    model = load_hf_model(hf_dir, dtype=dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _copy_tokenizer_files(hf_dir, out_dir)
-    source = {
-        "format": "huggingface", "model_type": hf.get("model_type"), "architectures": hf.get("architectures"),
-        **{k: hf[k] for k in TOKEN_ID_KEYS if k in hf},
-    }
-    return save_model(model, out_dir, extra={"source": source})
+    with staged_dir(out_dir, overwrite=overwrite, marker=CONFIG_FILE, inputs=[hf_dir],
+                    what="output directory") as staging:
+        hf = read_hf_config(hf_dir)
+        model = load_hf_model(hf_dir, dtype=dtype)
+        _copy_tokenizer_files(hf_dir, staging)
+        source = {
+            "format": "huggingface", "model_type": hf.get("model_type"), "architectures": hf.get("architectures"),
+            **{k: hf[k] for k in TOKEN_ID_KEYS if k in hf},
+        }
+        save_model(model, staging, extra={"source": source})
+    return out_dir
 
 
 def convert_to_hf(lmlab_dir: str | Path, out_dir: str | Path,
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """lmlab checkpoint directory -> HF model directory loadable by AutoModelForCausalLM."""
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+    """lmlab checkpoint directory -> HF model directory loadable by AutoModelForCausalLM.
+    `out_dir` follows the rules of `convert_from_hf`."""
     from lmlab.checkpoint import is_lmlab_dir, load_lmlab_model, read_config_json
 
     lmlab_dir, out_dir = Path(lmlab_dir), Path(out_dir)
@@ -557,12 +559,13 @@ def convert_to_hf(lmlab_dir: str | Path, out_dir: str | Path,
         raise LmlabError(f"lmlab checkpoint directory not found: {lmlab_dir}")
     if not is_lmlab_dir(lmlab_dir):
         raise LmlabError(f"{lmlab_dir} is not an lmlab checkpoint (its config.json has no \"format\": \"lmlab\")")
-    _check_out_dir(out_dir)
-    meta = read_config_json(lmlab_dir)
-    model = load_lmlab_model(lmlab_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _copy_tokenizer_files(lmlab_dir, out_dir)
-    return save_hf(model, out_dir, token_ids=meta.get("source") or {}, max_shard_bytes=max_shard_bytes)
+    with staged_dir(out_dir, overwrite=overwrite, marker="config.json", inputs=[lmlab_dir],
+                    what="output directory") as staging:
+        meta = read_config_json(lmlab_dir)
+        model = load_lmlab_model(lmlab_dir)
+        _copy_tokenizer_files(lmlab_dir, staging)
+        save_hf(model, staging, token_ids=meta.get("source") or {}, max_shard_bytes=max_shard_bytes)
+    return out_dir
 
 
 def parse_size(text: str) -> int:

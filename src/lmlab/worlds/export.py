@@ -9,7 +9,8 @@ and user data alike:
   match). `prompt` is the user turn for chat models; `base_prompt` is the same question in
   the pretraining corpus's format, for base models (and the base side of proxy-tuning);
 - `world.json`: the name, seed and settings that regenerate all of it.
-Every file is written atomically.
+The directory is built beside `out_dir` and swapped in when complete; a directory holding
+anything but a previous world export is refused unless `overwrite=True`.
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from pathlib import Path
 from typing import Iterable
 
 from lmlab.errors import LmlabError
-from lmlab.io import write_json_atomic, write_jsonl_atomic
+from lmlab.io import read_json, staged_dir, write_json_atomic, write_jsonl_atomic
 from lmlab.worlds import fact, sort
 from lmlab.worlds.labeller import LabellerConfig, SplitConfig, preference_splits
 
 WORLDS = ("sort", "fact")
+MANIFEST = "world.json"
 
 
 def documents(world: str, texts: list[str]) -> Iterable[dict]:
@@ -72,20 +74,31 @@ def export_fact(out_dir: Path, seed: int, n: int) -> dict:
     return {"fact": dataclasses.asdict(cfg), "files": counts}
 
 
+def previous_export(out_dir: Path) -> list[str]:
+    """The files a finished world export wrote: world.json and the files it lists."""
+    try:
+        manifest = read_json(out_dir / MANIFEST, "")
+        if not isinstance(manifest, dict) or manifest.get("world") not in WORLDS:
+            return []
+        return [MANIFEST, *manifest["files"]]
+    except (LmlabError, KeyError, TypeError):
+        return []
+
+
 def export_world(name: str, out_dir, seed: int = 0, n: int | None = None,
-                 labeller: LabellerConfig = LabellerConfig()) -> dict:
+                 labeller: LabellerConfig = LabellerConfig(), overwrite: bool = False) -> dict:
     """Write world `name` under `out_dir`; returns the manifest (also saved as world.json)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LmlabError(f"{out_dir} exists and is not a directory; choose another output path")
     if n is not None and n < 2:
         raise LmlabError(f"--n must be at least 2, got {n}")
-    if name == "sort":
-        info = export_sort(out_dir, seed, 2000 if n is None else n, labeller=labeller)
-    elif name == "fact":
-        info = export_fact(out_dir, seed, 200 if n is None else n)
-    else:
+    if name not in WORLDS:
         raise LmlabError(f"unknown world {name!r}; choose one of {', '.join(WORLDS)}")
-    manifest = {"world": name, "seed": seed, **info}
-    write_json_atomic(out_dir / "world.json", manifest)
+    with staged_dir(out_dir, overwrite=overwrite, owned=previous_export, marker=MANIFEST,
+                    what="world directory") as staging:
+        if name == "sort":
+            info = export_sort(staging, seed, 2000 if n is None else n, labeller=labeller)
+        else:
+            info = export_fact(staging, seed, 200 if n is None else n)
+        manifest = {"world": name, "seed": seed, **info}
+        write_json_atomic(staging / MANIFEST, manifest)
     return manifest

@@ -14,7 +14,7 @@ import torch
 
 from lmlab.data.curate.normalize import words
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_path
+from lmlab.io import atomic_path, check_output_file
 
 FORMAT = "lmlab-quality-classifier-v1"
 
@@ -59,9 +59,11 @@ class QualityClassifier:
         with torch.no_grad():
             return torch.sigmoid(self.logits(texts)).numpy()
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Atomic; an existing file that is not a classifier is refused unless `overwrite`."""
         from safetensors.torch import save_file
 
+        check_output_file(path, overwrite=overwrite, is_ours=_is_classifier, what="classifier file")
         with atomic_path(path) as tmp:
             save_file({"weight": self.weight.detach().contiguous(), "bias": self.bias.detach().reshape(1)}, str(tmp),
                       metadata={"format": FORMAT, "ngrams": str(self.ngrams), "bits": str(self.bits)})
@@ -73,12 +75,25 @@ class QualityClassifier:
         path = Path(path)
         if not path.is_file():
             raise LmlabError(f"quality classifier not found: {path} (train one with `lmlab data filter-train`)")
-        with safe_open(str(path), framework="pt") as f:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as e:  # SafetensorError, or an OSError reading it
+            raise LmlabError(f"{path} is not a readable safetensors file ({e}); "
+                             "train a classifier with `lmlab data filter-train`") from None
+        with handle as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise LmlabError(f"{path} is not an lmlab quality classifier (format {meta.get('format')!r}); "
                                  "train one with `lmlab data filter-train`")
             return cls(f.get_tensor("weight"), f.get_tensor("bias")[0], int(meta["ngrams"]), int(meta["bits"]))
+
+
+def _is_classifier(path: Path) -> bool:
+    try:
+        QualityClassifier.load(path)
+    except LmlabError:
+        return False
+    return True
 
 
 def train_classifier(good: Sequence[str], bad: Sequence[str], cfg: TrainConfig = TrainConfig()) -> QualityClassifier:

@@ -4,12 +4,11 @@ source (a list, or a zero-argument callable returning a fresh iterator) so that 
 to be held in memory."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Union
 
 from lmlab.errors import LmlabError
-from lmlab.io import write_jsonl_atomic
+from lmlab.io import check_output_file, iter_jsonl, write_jsonl_atomic
 
 Document = dict
 Source = Union[Callable[[], Iterable[Document]], Iterable[Document]]
@@ -43,23 +42,18 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[Docum
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix or delete that line") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get(text_field), str):
-                raise LmlabError(f"{path}:{lineno}: expected an object with a string {text_field!r} field")
-            if text_field != "text":
-                doc["text"] = doc.pop(text_field)
-            doc.setdefault("id", f"{path.name}:{lineno}")
-            doc["id"] = str(doc["id"])
-            yield doc
+    for lineno, doc in iter_jsonl(path):  # malformed or non-UTF-8 lines: LmlabError at file:line
+        if not isinstance(doc, dict) or not isinstance(doc.get(text_field), str):
+            raise LmlabError(f"{path}:{lineno}: expected an object with a string {text_field!r} field")
+        if text_field != "text":
+            doc["text"] = doc.pop(text_field)
+        doc.setdefault("id", f"{path.name}:{lineno}")
+        doc["id"] = str(doc["id"])
+        yield doc
 
 
-def write_documents(path: str | Path, docs: Iterable[Document]) -> int:
-    """Write documents as JSONL atomically; returns how many were written."""
+def write_documents(path: str | Path, docs: Iterable[Document], overwrite: bool = False) -> int:
+    """Write documents as JSONL atomically; returns how many were written. An existing
+    non-empty file (perhaps the input itself) is refused unless `overwrite`."""
+    check_output_file(path, overwrite=overwrite)
     return write_jsonl_atomic(path, docs)
