@@ -52,7 +52,7 @@ def trained(tmp_path_factory):
     ids = torch.tensor([i for t in texts for i in tok.encode(t) + [tok.eos_id]])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(80):
+    for _ in range(200):  # fewer steps leave greedy decoding stuck on one token
         starts = torch.randint(0, len(ids) - 129, (8,), generator=gen)
         batch = torch.stack([ids[s:s + 129] for s in starts])
         logits = model(batch[:, :-1])
@@ -67,10 +67,14 @@ def trained(tmp_path_factory):
 
 
 def load(path, kind):
+    """llama.cpp on our export; an f32 model gets an f32 KV cache too (llama.cpp's default
+    cache is f16, which alone moves logits by ~1e-3)."""
     out = path / f"model-{kind}.gguf"
     if not out.exists():
         export_gguf(path, out, kind)
-    return llama_cpp.Llama(str(out), n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False)
+    cache = {"type_k": 0, "type_v": 0} if kind == "f32" else {}  # 0: GGML_TYPE_F32
+    return llama_cpp.Llama(str(out), n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False,
+                           **cache)
 
 
 def llama_cpp_greedy(llm, prompt, n):
@@ -99,21 +103,23 @@ def test_tokenisation_matches(trained):
         ours = tok.encode(text)
         theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         assert theirs == ours, text
-        assert llm.detokenize(ours).decode("utf-8") == tok.decode(ours), text
+        assert llm.detokenize(ours, special=True).decode("utf-8") == tok.decode(ours) == text, text
     assert llm.tokenize(b"Hello", add_bos=True, special=True) == tok.encode("Hello", add_bos=True)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_f32_greedy_and_logits_match(trained, prompt):
     path, model, tok, loss = trained
-    assert loss < 6.0  # trained: well below uniform's ln(1024) = 6.93
+    assert loss < 5.6  # trained: well below uniform's ln(1024) = 6.93
     ids = tok.encode(prompt, add_bos=True)
     ours = generate(model, [ids], N_NEW, temperature=0.0)[0].tokens
     theirs, their_logits = llama_cpp_greedy(load(path, "f32"), ids, N_NEW)
+    assert len(set(ours)) >= 5  # a real continuation, not one token repeated
     assert theirs == ours
     # Every step's logits, against lmlab's full forward over the same sequence.
     full = lmlab_logits(model, ids + ours)[len(ids) - 1:-1]
-    assert np.abs(full - their_logits).max() < 1e-3
+    print(f"f32 {prompt!r}: max |logit diff| {np.abs(full - their_logits).max():.2e}")
+    assert np.abs(full - their_logits).max() < 1e-4
 
 
 def test_q8_0_stays_close(trained, record_property):

@@ -380,12 +380,16 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, type: str = "f32", 
     tokenizer.json) as one GGUF file llama.cpp runs. `type`: f32, f16 or q8_0 for the matrices
     (norms and biases stay f32). `pre` overrides the detected llama.cpp pre-tokenizer name.
     The file appears only once complete."""
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise LmlabError("GGUF export needs the `gguf` package: pip install 'lmlab[gguf]' (or pip install gguf)") from None
 
     import lmlab
     from lmlab.tokenizer import Tokenizer
 
-    _qtype(type)  # fail on a bad type before loading anything
+    if type not in TYPES:  # fail before loading anything
+        raise LmlabError(f"unknown GGUF type {type!r}; choose one of {', '.join(TYPES)}")
     model_dir, out_path = Path(model_dir), Path(out_path)
     model = lmlab.load_model(model_dir)
     cfg = model.config
