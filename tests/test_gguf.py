@@ -12,6 +12,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+from hf_oracle import randomize  # noqa: E402
 from lmlab.checkpoint import save_model  # noqa: E402
 from lmlab.config import RopeScaling, get_preset  # noqa: E402
 from lmlab.data.chat import RoleTokenTemplate  # noqa: E402
@@ -33,8 +34,8 @@ def tok():
 
 
 def _model_dir(tmp_path_factory, tok, cfg, name):
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    # Norms not all 1 and biases not all 0, so a swapped or unpermuted one shows.
+    model = randomize(build_model(cfg))
     path = tmp_path_factory.mktemp(name)
     save_model(model, path, tokenizer=tok)
     return path, {k: v.clone() for k, v in model.state_dict().items()}

@@ -15,8 +15,9 @@ llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed: run tools/build_llama_cpp.sh (builds and caches it once)"
 )
 
+from hf_oracle import randomize  # noqa: E402
 from lmlab.checkpoint import save_model  # noqa: E402
-from lmlab.config import get_preset  # noqa: E402
+from lmlab.config import RopeScaling, get_preset  # noqa: E402
 from lmlab.data.corpus import embedded_corpus_texts  # noqa: E402
 from lmlab.decode.generate import generate  # noqa: E402
 from lmlab.interop.gguf import export_gguf  # noqa: E402
@@ -145,3 +146,38 @@ def test_q8_0_stays_close(trained, record_property):
     print(f"q8_0: greedy prefixes agree on {agree}/{total} tokens; max |logit error| / std = {worst:.4f}")
     assert worst < 0.1
     assert agree >= total // 2
+
+
+VARIANTS = {
+    "tied": dict(tie_embeddings=True),
+    "biases": dict(attn_bias=True, attn_out_bias=True, mlp_bias=True),
+    "llama3-rope": dict(rope_theta=500000.0,
+                        rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                 original_max_seq_len=16)),
+    "linear-rope": dict(rope_scaling=RopeScaling("linear", factor=4.0)),
+    "head-dim": dict(head_dim=32),
+    "mha": dict(n_kv_heads=None),
+}
+
+
+@pytest.fixture(scope="module")
+def small_tok():
+    return train_tokenizer([t[:3000] for t in embedded_corpus_texts()[:10]], 600)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_give_our_logits(variant, small_tok, tmp_path):
+    """Every config feature the export handles, on seeded random weights (norms off 1 and
+    biases off 0, so a mix-up in either shows), with 40 unused padding rows: llama.cpp's
+    logits over 120 positions equal ours."""
+    cfg = replace(get_preset("nano"), vocab_size=640, max_seq_len=256, **VARIANTS[variant])
+    model = randomize(build_model(cfg)).eval()
+    save_model(model, tmp_path, tokenizer=small_tok)
+    llm = load(tmp_path, "f32")
+    ids = torch.randint(0, 600, (120,), generator=torch.Generator().manual_seed(1)).tolist()
+    llm.reset()
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:llm.n_tokens], dtype=np.float64)
+    ours = lmlab_logits(model, ids)
+    assert theirs.shape == ours.shape == (120, 640)
+    assert np.abs(ours - theirs).max() < 1e-4 * max(1.0, np.abs(ours).max())
