@@ -388,3 +388,10 @@ def test_failed_export_leaves_no_file(untied, tmp_path, monkeypatch):
         export_gguf(path, out)
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_model_without_a_tokenizer_is_refused(tmp_path):
+    save_model(build_model(CFG), tmp_path)
+    with pytest.raises(LmlabError, match="no tokenizer.json"):
+        export_gguf(tmp_path, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -394,6 +394,11 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, type: str = "f32", 
     model = lmlab.load_model(model_dir)
     cfg = model.config
     check_llama_compatible(cfg)
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise LmlabError(
+            f"{model_dir} has no tokenizer.json: a GGUF file carries its tokenizer, so save the "
+            "model together with the tokenizer it was trained with (save_model(..., tokenizer=tok))"
+        )
     tok = Tokenizer.load(model_dir)
     vocab = vocab_from_tokenizer(tok, cfg.vocab_size, pre)
     plan = plan_tensors(cfg, model.state_dict(), type)
