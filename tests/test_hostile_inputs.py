@@ -163,7 +163,7 @@ def lib_encode(ws, max_len=512, vocab_size=None, answer="alpha beta"):
 def lib_merge(ws, out_name, overwrite=False):
     from lmlab.adapters.export import merge_adapter_into
     from lmlab.adapters.inject import AdapterConfig, apply_adapters, save_adapter
-    from lmlab.checkpoint import load_model
+    from lmlab.hub import load_model
 
     base = model_copy(ws, name="base")
     model = load_model(base)

@@ -140,7 +140,8 @@ def test_convert_and_merge_outputs(tmp_path):
 
     from lmlab.adapters.export import merge_adapter_into
     from lmlab.adapters.inject import AdapterConfig, apply_adapters, save_adapter
-    from lmlab.checkpoint import load_model, save_model
+    from lmlab.checkpoint import save_model
+    from lmlab.hub import load_model
     from lmlab.config import get_preset
     from lmlab.interop.hf import convert_to_hf
     from lmlab.model.transformer import build_model

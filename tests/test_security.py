@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.checkpoint import CONFIG_FILE, load_model, load_state_dict, save_model
+from lmlab.checkpoint import CONFIG_FILE, load_state_dict, save_model
+from lmlab.hub import load_model
 from lmlab.config import get_preset, load_yaml
 from lmlab.data.chat import JinjaTemplate
 from lmlab.errors import LmlabError
