@@ -26,15 +26,19 @@ class Format:
 
 
 def _config(path: Path) -> dict | None:
-    import json
+    """The directory's config.json, None where there is none; a malformed, non-UTF-8 or
+    misplaced one is an error naming it (guessing past it would hide the real problem)."""
+    from lmlab.io import read_json
 
     file = path / "config.json"
-    if not file.is_file():
+    if not file.exists():
         return None
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    if file.is_dir():
+        raise LmlabError(f"{file} is a directory, not a file; a model directory's config.json must be a JSON file")
+    meta = read_json(file, "a model directory needs its config.json")
+    if not isinstance(meta, dict):
+        raise LmlabError(f"{file} must hold a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def _is_lmlab(path: Path) -> bool:

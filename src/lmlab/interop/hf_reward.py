@@ -23,10 +23,10 @@ import torch
 from lmlab.checkpoint import is_lmlab_dir, read_config_json
 from lmlab.errors import LmlabError
 from lmlab.interop.hf import (
-    HFCheckpoint, TOKEN_ID_KEYS, _check_out_dir, _copy_tokenizer_files, _dtype_name, family_for_config,
+    HFCheckpoint, TOKEN_ID_KEYS, _copy_tokenizer_files, _dtype_name, family_for_config,
     family_for_hf_config, read_hf_config, write_safetensors_shards,
 )
-from lmlab.io import write_json_atomic
+from lmlab.io import staged_dir, write_json_atomic
 from lmlab.model.heads import RewardModel
 
 SCORE = "score.weight"
@@ -96,21 +96,22 @@ def save_hf_reward(rm: RewardModel, out_dir: str | Path, token_ids: Mapping[str,
 
 
 def convert_reward_to_hf(rm_dir: str | Path, out_dir: str | Path, token_ids: Mapping[str, Any] | None = None,
-                         allow_pad_eos: bool = False) -> Path:
+                         allow_pad_eos: bool = False, overwrite: bool = False) -> Path:
     """lmlab reward checkpoint -> HF directory loadable by AutoModelForSequenceClassification.
     Token ids come from the checkpoint's config (saved with its tokenizer) unless given."""
     from lmlab.rewards.io import load_reward_model, read_reward_meta
 
     rm_dir, out_dir = Path(rm_dir), Path(out_dir)
     meta = read_reward_meta(rm_dir)
-    _check_out_dir(out_dir)
     ids = {**(meta.get("tokens") or {}), **(token_ids or {})}
     checked_token_ids(ids, allow_pad_eos)  # refuse before writing anything
     rm = load_reward_model(rm_dir)
     _architecture(rm.config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _copy_tokenizer_files(rm_dir, out_dir)
-    return save_hf_reward(rm, out_dir, ids, allow_pad_eos)
+    with staged_dir(out_dir, overwrite=overwrite, marker="config.json", inputs=[rm_dir],
+                    what="output directory") as staging:
+        _copy_tokenizer_files(rm_dir, staging)
+        save_hf_reward(rm, staging, ids, allow_pad_eos)
+    return out_dir
 
 
 def load_hf_reward_model(path: str | Path, device: torch.device | str = "cpu",
@@ -141,21 +142,23 @@ def load_hf_reward_model(path: str | Path, device: torch.device | str = "cpu",
     return reward_model_from_state_dict(cfg, state, source=str(path), device=device, dtype=dtype)
 
 
-def convert_reward_from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+def convert_reward_from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
+                           overwrite: bool = False) -> Path:
     """HF sequence-classification directory -> lmlab reward checkpoint (with tokenizer files)."""
     from lmlab.rewards.io import save_reward_model
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise LmlabError(f"Hugging Face model directory not found: {hf_dir}")
-    _check_out_dir(out_dir)
     hf = read_hf_config(hf_dir)
     rm = load_hf_reward_model(hf_dir, dtype=dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _copy_tokenizer_files(hf_dir, out_dir)
     tokens = {k: hf.get(k) for k in TOKEN_ID_KEYS}
-    return save_reward_model(rm, out_dir, extra={
-        "tokens": tokens, "source": {"format": "huggingface", "architectures": hf.get("architectures")}})
+    with staged_dir(out_dir, overwrite=overwrite, marker="config.json", inputs=[hf_dir],
+                    what="output directory") as staging:
+        _copy_tokenizer_files(hf_dir, staging)
+        save_reward_model(rm, staging, extra={
+            "tokens": tokens, "source": {"format": "huggingface", "architectures": hf.get("architectures")}})
+    return out_dir
 
 
 def is_reward_dir(path: str | Path) -> bool:
