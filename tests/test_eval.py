@@ -218,3 +218,177 @@ def test_win_rate_of_a_policy_against_itself_is_one_half():
     expected = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
     out3 = win_rate(policy, other, prompts[:3], Length(), max_new_tokens=6, precision=F32)
     assert out3["win_rate"] == pytest.approx(expected / 3)
+
+
+# ---- lm-eval: through the adapter and through `lmlab serve` ------------------------------------
+
+TASK_YAML = """task: lmlab_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: query
+doc_to_choice: choices
+doc_to_target: gold
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "maple", "robot", "candle", "frost"]
+
+
+def mc_rows(n=12, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        choices = rng.sample(WORDS, 4)
+        rows.append({"query": f"item {i} {WORDS[i]} is", "choices": choices, "gold": rng.randrange(4)})
+    return rows
+
+
+def train_on_answers(model, tok, rows, steps=80):
+    """Eighty steps of next-token loss on each query's gold continuation only."""
+    from lmlab.data import IGNORE_INDEX
+    from lmlab.train.logprobs import masked_logprobs
+
+    pairs = [encode_pair(tok, r["query"], " " + r["choices"][r["gold"]], add_special_tokens=False) for r in rows]
+    width = max(len(c) + len(t) - 1 for c, t in pairs)
+    ids = torch.zeros(len(pairs), width, dtype=torch.long)
+    targets = torch.full((len(pairs), width), IGNORE_INDEX)
+    for i, (c, t) in enumerate(pairs):
+        full = c + t
+        ids[i, : len(full) - 1] = torch.tensor(full[:-1])
+        targets[i, len(c) - 1: len(full) - 1] = torch.tensor(t)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        lp = masked_logprobs(model, ids, targets)
+        loss = -lp.tokens.sum() / lp.mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def mc_setup(tmp_path_factory):
+    pytest.importorskip("lm_eval")
+    from lmlab.checkpoint import save_model
+    from lmlab.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("mc")
+    os.environ["HF_HOME"] = str(root / "hf")  # datasets' cache of the local JSON, not ~/.cache
+    rows = mc_rows()
+    data = root / "task.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "tasks").mkdir()
+    (root / "tasks" / "lmlab_mc.yaml").write_text(TASK_YAML.format(data=data))
+    texts = [r["query"] + " " + c for r in rows for c in r["choices"]]
+    tok = train_tokenizer(texts * 4, 300)
+    torch.manual_seed(0)
+    model = build_model(get_preset("nano").replace(vocab_size=tok.vocab_size, max_seq_len=64))
+    untrained = multiple_choice(model.eval(), tok, [Question(r["query"], tuple(r["choices"]), r["gold"])
+                                                    for r in rows], add_special_tokens=False, precision=F32)
+    train_on_answers(model, tok, rows)
+    save_model(model, root / "model", tokenizer=tok)
+    return {"root": root, "rows": rows, "tok": tok, "model": model, "data": data, "untrained": untrained}
+
+
+def flat(rows):
+    return [x for row in rows for x in row]
+
+
+def run_lm_eval(setup, model, model_args):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from lmlab.eval.lm_eval_adapter import register
+
+    register()
+    manager = TaskManager(include_path=str(setup["root"] / "tasks"), include_defaults=False)
+    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["lmlab_mc"], task_manager=manager,
+                                  log_samples=True, bootstrap_iters=0)
+    samples = sorted(out["samples"]["lmlab_mc"], key=lambda s: s["doc_id"])
+    lls = [[float(r[0][0]) for r in s["resps"]] for s in samples]
+    return out["results"]["lmlab_mc"], lls
+
+
+def test_lm_eval_scores_a_local_task_identically_through_the_adapter_and_the_server(mc_setup):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import threading
+    import time
+
+    from lmlab.eval.multiple_choice import read_task
+    from lmlab.serve.app import ServeConfig, create_app
+    from lmlab.serve.server import build_server
+
+    start = time.monotonic()
+    direct, direct_lls = run_lm_eval(mc_setup, "lmlab", f"pretrained={mc_setup['root'] / 'model'},"
+                                                        "add_bos_token=False,precision=float32,batch_size=8")
+    # Our own `lmlab eval mc` on the same JSONL: the same log-likelihoods, the same metrics.
+    ours = multiple_choice(mc_setup["model"], mc_setup["tok"], read_task(mc_setup["data"]),
+                           add_special_tokens=False, precision=F32)
+    assert flat(d["loglikelihoods"] for d in ours["details"]) == pytest.approx(flat(direct_lls), abs=1e-4)
+    assert (ours["acc"], ours["acc_norm"]) == (direct["acc,none"], direct["acc_norm,none"])
+
+    app = create_app(mc_setup["model"], mc_setup["tok"], ServeConfig(model_name="tiny", max_batch=4))
+    server = build_server(app, "127.0.0.1", 0, "warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            time.sleep(0.01)
+        assert server.started, "uvicorn did not start"
+        port = server.servers[0].sockets[0].getsockname()[1]
+        # No tokenizer given: lm-eval finds /tokenizer_info and tokenizes through /tokenize.
+        served, served_lls = run_lm_eval(mc_setup, "local-completions",
+                                         f"base_url=http://127.0.0.1:{port}/v1/completions,model=tiny,"
+                                         "num_concurrent=1,max_retries=1,timeout=30")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert len(served_lls) == len(direct_lls) == 12
+    assert flat(served_lls) == pytest.approx(flat(direct_lls), abs=1e-4)
+    assert served["acc,none"] == direct["acc,none"] and served["acc_norm,none"] == direct["acc_norm,none"]
+    # Trained on the answers: far above chance (1/4), and above the untrained model.
+    assert direct["acc,none"] >= 0.75 > mc_setup["untrained"]["acc"]
+    assert time.monotonic() - start < 60
+
+
+def test_lm_eval_rolling_and_generation_through_the_adapter(mc_setup):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from lmlab.decode.generate import generate
+    from lmlab.eval.lm_eval_adapter import LmlabLM
+    from lmlab.eval.perplexity import document_loglikelihoods
+
+    tok, model = mc_setup["tok"], mc_setup["model"]
+    lm = LmlabLM(model=model, tokenizer=tok, precision="float32", max_length=16)
+    text = " ".join(r["query"] for r in mc_setup["rows"])  # many windows of 16
+    req = Instance("loglikelihood_rolling", {}, (text,), 0)
+    (rolled,) = lm.loglikelihood_rolling([req])
+    # By hand: every token once, each conditioned on its lm-eval window.
+    tokens = tok.encode(text)
+    seq = [tok.bos_id] + tokens
+    hand = 0.0
+    for j in range(len(tokens)):
+        ctx = seq[: j + 1] if j < 16 else seq[min(16 * ((j // 16) + 1), len(tokens)) - 16: j + 1]
+        hand += logp_next(model, ctx, seq[j + 1])
+    assert rolled == pytest.approx(hand, abs=1e-3)
+    assert document_loglikelihoods(model, tok, [text], max_len=16)[0][0] == pytest.approx(rolled, abs=1e-4)
+    prompt = mc_setup["rows"][0]["query"]
+    gen = Instance("generate_until", {}, (prompt, {"until": ["\n"], "max_gen_toks": 5}), 0)
+    (answer,) = lm.generate_until([gen])
+    ids = tok.encode(prompt, add_special_tokens=True)
+    ref = generate(model, [ids], 5, eos_id=tok.eos_id, stop=["\n"], decode=tok.decode)[0].text
+    assert answer == ref

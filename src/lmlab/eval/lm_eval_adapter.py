@@ -17,6 +17,7 @@ for lmlab's own; false scores bare text as lm-eval's API models send it), max_ge
 """
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401  - fills the registry with lm-eval's own (lazy) models first
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
