@@ -277,8 +277,8 @@ def train_on_answers(model, tok, rows, steps=80):
 
 
 @pytest.fixture(scope="module")
-def mc_setup(tmp_path_factory):
-    pytest.importorskip("lm_eval")
+def trained(tmp_path_factory):
+    """A tiny model trained on a local MC task's answers, saved with its BPE tokenizer."""
     from lmlab.checkpoint import save_model
     from lmlab.tokenizer import train_tokenizer
 
@@ -298,6 +298,12 @@ def mc_setup(tmp_path_factory):
     train_on_answers(model, tok, rows)
     save_model(model, root / "model", tokenizer=tok)
     return {"root": root, "rows": rows, "tok": tok, "model": model, "data": data, "untrained": untrained}
+
+
+@pytest.fixture(scope="module")
+def mc_setup(trained):
+    pytest.importorskip("lm_eval")
+    return trained
 
 
 def flat(rows):
@@ -392,3 +398,41 @@ def test_lm_eval_rolling_and_generation_through_the_adapter(mc_setup):
     ids = tok.encode(prompt, add_special_tokens=True)
     ref = generate(model, [ids], 5, eos_id=tok.eos_id, stop=["\n"], decode=tok.decode)[0].text
     assert answer == ref
+
+
+# ---- the CLI ----------------------------------------------------------------------------------
+
+def test_cli_eval_commands(trained, tmp_path, capsys):
+    from lmlab.cli import main
+    from lmlab.worlds.export import export_world
+
+    model = str(trained["root"] / "model")
+    out = tmp_path / "mc.json"
+    assert main(["eval", "mc", model, str(trained["data"]), "--no-bos", "--precision", "float32",
+                 "--out", str(out)]) == 0
+    assert "acc_norm" in capsys.readouterr().out
+    mc = json.loads(out.read_text())
+    assert mc["questions"] == 12 and mc["acc"] >= 0.75 and len(mc["details"]) == 12
+
+    corpus = tmp_path / "corpus.jsonl"
+    docs = [r["query"] * 3 for r in trained["rows"][:3]]
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "ppl.json"
+    assert main(["eval", "perplexity", model, str(corpus), "--window", "16", "--stride", "8", "--out", str(out)]) == 0
+    ppl = json.loads(out.read_text())
+    assert ppl["tokens"] == sum(len(trained["tok"].encode(d)) for d in docs) and ppl["stride"] == 8
+    assert ppl["token_perplexity"] == pytest.approx(math.exp(ppl["nll"] / ppl["tokens"]))
+
+    world = tmp_path / "world"
+    export_world("sort", world, seed=0, n=40)  # 4 eval prompts
+    out = tmp_path / "gold.json"
+    assert main(["eval", "gold", model, str(world), "--limit", "3", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    gold = json.loads(out.read_text())
+    assert gold["generated"] == 3 and {"gold_reward_dense", "gold_reward_sparse", "exact_match"} <= set(gold)
+    out = tmp_path / "win.json"
+    assert main(["eval", "win-rate", model, model, str(world), "--reward", "gold", "--limit", "3",
+                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["win_rate"] == 0.5
+    capsys.readouterr()
+    assert main(["eval", "mc", model, str(tmp_path / "missing.jsonl")]) == 2
+    assert "task file not found" in capsys.readouterr().err

@@ -17,13 +17,17 @@ for lmlab's own; false scores bare text as lm-eval's API models send it), max_ge
 """
 from __future__ import annotations
 
-import lm_eval.models  # noqa: F401  - fills the registry with lm-eval's own (lazy) models first
+from importlib import import_module
+
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from lmlab.errors import LmlabError
 
 MODEL_NAME = "lmlab"
+# lm-eval fills its registry with its own (lazy) models only when it finds the registry
+# empty; registering "lmlab" first would hide them all (local-completions, hf, ...).
+import_module("lm_eval.models")
 
 
 def _as_bool(value) -> bool | None:
