@@ -436,3 +436,17 @@ def test_cli_eval_commands(trained, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "mc", model, str(tmp_path / "missing.jsonl")]) == 2
     assert "task file not found" in capsys.readouterr().err
+
+
+def test_cli_lm_eval_runs_a_local_task_through_the_adapter(mc_setup, tmp_path, capsys):
+    from lmlab.cli import main
+
+    out = tmp_path / "lm_eval.json"
+    assert main(["eval", "lm-eval", str(mc_setup["root"] / "model"), "--tasks", "lmlab_mc", "--include-path",
+                 str(mc_setup["root"] / "tasks"), "--no-bos", "--precision", "float32", "--out", str(out)]) == 0
+    assert "lmlab_mc" in capsys.readouterr().out
+    result = json.loads(out.read_text())["results"]["lmlab_mc"]
+    ours = multiple_choice(mc_setup["model"], mc_setup["tok"],
+                           [Question(r["query"], tuple(r["choices"]), r["gold"]) for r in mc_setup["rows"]],
+                           add_special_tokens=False, precision=F32)
+    assert (result["acc,none"], result["acc_norm,none"]) == (ours["acc"], ours["acc_norm"])
