@@ -355,6 +355,11 @@ def test_lm_eval_scores_a_local_task_identically_through_the_adapter_and_the_ser
             time.sleep(0.01)
         assert server.started, "uvicorn did not start"
         port = server.servers[0].sockets[0].getsockname()[1]
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/tokenizer_info", timeout=10) as resp:
+            info = json.loads(resp.read())
+        assert (info["bos_token"], info["eos_token"], info["model_max_length"]) == ("<|bos|>", "<|eos|>", 64)
         # No tokenizer given: lm-eval finds /tokenizer_info and tokenizes through /tokenize.
         served, served_lls = run_lm_eval(mc_setup, "local-completions",
                                          f"base_url=http://127.0.0.1:{port}/v1/completions,model=tiny,"
