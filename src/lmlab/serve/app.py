@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI) over one `Batcher`.
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health,
-GET /metrics (Prometheus text), POST /tokenize, POST /detokenize. Every error a client
+GET /metrics (Prometheus text), POST /tokenize, POST /detokenize, GET /tokenizer_info. Every error a client
 sees has OpenAI's shape {"error": {"message", "type", "param", "code"}}; anything
 unexpected is logged here and answered with a generic 500, never a stack trace.
 """
@@ -291,6 +291,19 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
                                                 and 0 <= t < vocab for t in ids):
             raise P.bad("tokens", f"'tokens' must be a list of token ids in [0, {vocab})")
         return {"prompt": tokenizer.decode(ids)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        # vLLM's route: lm-eval's `local-completions` finds it and then tokenizes through
+        # /tokenize, so it needs no local copy of the tokenizer.
+        authorize(request)
+
+        def text_of(i):
+            return token_text(i) if i is not None else None
+
+        return {"bos_token": text_of(tokenizer.bos_id), "eos_token": text_of(tokenizer.eos_id),
+                "pad_token": text_of(getattr(tokenizer, "pad_id", None)), "model_max_length": context,
+                "vocab_size": vocab}
 
     def encode(text: str, add_bos: bool = True) -> list[int]:
         ids = tokenizer.encode(text)

@@ -19,16 +19,13 @@ class EvalConfig:
 def run(ctx) -> None:
     import json
 
-    import torch
-
     from lmlab.data.chat import RoleTokenTemplate
-    from lmlab.decode.generate import generate
+    from lmlab.eval.gold import answer_prompts, world_scores
     from lmlab.hub import load_model
     from lmlab.io import write_json_atomic
     from lmlab.precision import resolve
     from lmlab.stages.common import model_dir, require
     from lmlab.tokenizer import Tokenizer
-    from lmlab.worlds.evaluate import sort_rewards
 
     e, world, sft = ctx.recipe.eval, ctx.recipe.world, ctx.recipe.sft
     if world.name != "sort":
@@ -37,23 +34,20 @@ def run(ctx) -> None:
     sft_model = model_dir(ctx.run_dir, "sft")
     tok = Tokenizer.load(sft_model)
     model = load_model(sft_model, device=sft.train.device).eval()
-    template = RoleTokenTemplate(tok)
     eval_file = require(ctx.input("world") / "eval.jsonl", "world")
-    rows = [json.loads(line) for line in eval_file.read_text(encoding="utf-8").splitlines()]
-    prompts = [r["prompt"] for r in rows[: e.prompts]]
-    ids = [template.encode_prompt([{"role": "user", "content": p}]) for p in prompts]
+    rows = [json.loads(line) for line in eval_file.read_text(encoding="utf-8").splitlines()][: e.prompts]
+    prompts = [r["prompt"] for r in rows]
     precision = resolve(sft.train.precision, sft.train.device)
-    with torch.no_grad(), precision.autocast():
-        outs = generate(model, ids, e.max_new_tokens, eos_id=template.stop_ids[0])
-    answers = [tok.decode(o.tokens[:-1] if o.finish_reason == "eos" else o.tokens) for o in outs]
-    rewards = sort_rewards(prompts, answers, [o.finish_reason for o in outs])
+    answers, reasons = answer_prompts(model, tok, prompts, template=RoleTokenTemplate(tok),
+                                      max_new_tokens=e.max_new_tokens, precision=precision)
+    scores = world_scores(rows, answers, reasons)
     report = json.loads((ctx.input("sft") / "finetune_report.json").read_text(encoding="utf-8"))
     summary = {
         "method": report["method"], "steps": report["steps"], "val_loss": report["val_loss"],
         "teacher_forced_exact_match": report["answer_exact_match"], "precision": precision.name,
         "generated": len(prompts),
-        "gold_reward_dense": sum(rewards["gold_dense"]) / len(prompts),
-        "gold_reward_sparse": sum(rewards["gold_sparse"]) / len(prompts),
+        "gold_reward_dense": scores["gold_reward_dense"],
+        "gold_reward_sparse": scores["gold_reward_sparse"],
         "examples": [{"prompt": p, "answer": a} for p, a in list(zip(prompts, answers))[:5]],
     }
     write_json_atomic(ctx.out / "world_eval.json", summary)
