@@ -72,6 +72,13 @@ def setup(cfg: TrainConfig) -> "Local | Distributed":
     return Distributed(cfg, *world)
 
 
+def is_main_process() -> bool:
+    """Whether this process should write files after training (exports, samples, reports):
+    rank 0 under torchrun, always in a single process."""
+    world = env_world()
+    return world is None or world[0] == 0
+
+
 def silent(message: str) -> None:
     """The `log` of ranks other than 0."""
 
