@@ -88,6 +88,46 @@ class PairwiseWithReference:
         return batch["chosen_ids"].shape[0]
 
 
+class GreedyRollouts:
+    """A generating source: each row is a fixed prompt continued greedily by the model being
+    trained (so step 2 samples with step 1's weights). Under torchrun each rank generates
+    only its share (`shard`), inside the FSDP2 root's forward."""
+
+    generates = True
+
+    def __init__(self, model, n=8, prompt=6, new=6, seed=3, rank=0, world_size=1):
+        g = torch.Generator().manual_seed(seed)
+        self.prompts = torch.randint(0, CFG.vocab_size, (n, prompt), generator=g)
+        self.model, self.new, self.rank, self.world_size, self.position = model, new, rank, world_size, 0
+
+    def shard(self, rank, world_size):
+        shard = GreedyRollouts(self.model, rank=rank, world_size=world_size)
+        shard.prompts, shard.new, shard.position = self.prompts, self.new, self.position
+        return shard
+
+    @torch.no_grad()
+    def next_batch(self, n):
+        share = n // self.world_size
+        rows = [(self.position + self.rank * share + i) % len(self.prompts) for i in range(share)]
+        self.position += n
+        idx = self.prompts[rows]
+        for _ in range(self.new):
+            idx = torch.cat([idx, self.model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return idx
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = int(state["position"])
+
+
+def rollout_run(run_dir, **kw):
+    model = fresh()
+    result = train(model, LanguageModeling(), GreedyRollouts(model), config(steps=2, **kw), run_dir)
+    return model, result
+
+
 def config(**kw):
     return TrainConfig(**{"progress": False, "log_every": 1, "lr": 3e-3, "precision": "float32",
                           "batch_size": 8, "micro_batch_size": 4, "steps": 1, **kw})
@@ -138,6 +178,8 @@ def main(out):
     losses["dpo-fsdp"] = r.losses
     _, r = dpo_step(out / "dpo-ddp-replicated", distributed="ddp")
     losses["dpo-ddp-replicated"] = r.losses
+    _, r = rollout_run(out / "rollouts-fsdp", distributed="fsdp")
+    losses["rollouts-fsdp"] = r.losses
     # A 1-rank checkpoint (written by the test beforehand) resumed on 2 ranks.
     _, r = resume_run(out / "from-1", resume=True, distributed="fsdp")
     losses["from-1"] = r.losses

@@ -85,6 +85,12 @@ def test_dpo_step_with_frozen_reference_equals_one_process(runs, tmp_path, case)
     assert_same_weights(model.state_dict(), weights(runs["out"] / case, 1))
 
 
+def test_rollouts_generated_on_every_rank_under_fsdp_equal_one_process(runs, tmp_path):
+    model, result = cases.rollout_run(tmp_path / "single")
+    assert runs["losses"]["rollouts-fsdp"] == pytest.approx(result.losses, abs=1e-5)
+    assert_same_weights(model.state_dict(), weights(runs["out"] / "rollouts-fsdp", 2))
+
+
 def test_two_rank_run_equals_one_process_and_resumes_on_one(runs, tmp_path):
     assert runs["losses"]["two-ranks"] == pytest.approx(runs["uninterrupted"], abs=1e-5)
     cases.copy_step(runs["out"] / "two-ranks", 1, tmp_path / "resumed")

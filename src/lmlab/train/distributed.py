@@ -505,6 +505,7 @@ def load_dcp(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.O
     """Read a distributed checkpoint saved on any number of ranks into this run's modules
     and optimizer, however they are placed now (one process, DDP, FSDP2 on M ranks): each
     rank reads the slices its shards cover."""
+    import torch.distributed
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -512,7 +513,8 @@ def load_dcp(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.O
     trainer = single.read_trainer(path)
     flat, _, msd, osd = _flat_state(modules, optimizer)
     try:
-        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / DCP_DIR)))
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / DCP_DIR)),
+                 no_dist=not torch.distributed.is_initialized())
     except (RuntimeError, ValueError, KeyError, AssertionError) as e:
         raise LmlabError(f"checkpoint {path} holds a different model or optimizer than this run builds ({e}); "
                          "resume with the recipe the run was started with") from None
