@@ -38,6 +38,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -513,8 +514,10 @@ def load_dcp(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.O
     trainer = single.read_trainer(path)
     flat, _, msd, osd = _flat_state(modules, optimizer)
     try:
-        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / DCP_DIR)),
-                 no_dist=not torch.distributed.is_initialized())
+        with warnings.catch_warnings():  # one process reading N ranks' shards is intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / DCP_DIR)),
+                     no_dist=not torch.distributed.is_initialized())
     except (RuntimeError, ValueError, KeyError, AssertionError) as e:
         raise LmlabError(f"checkpoint {path} holds a different model or optimizer than this run builds ({e}); "
                          "resume with the recipe the run was started with") from None
