@@ -12,6 +12,8 @@ from lmlab.errors import LmlabError
 
 SCHEDULES = ("cosine", "wsd", "constant")
 NONFINITE = ("stop", "skip")
+DISTRIBUTED = ("auto", "ddp", "fsdp")
+FROZEN_PLACEMENT = ("auto", "replicate", "shard")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,13 @@ class TrainConfig:
     # A NaN/inf loss or gradient: "stop" (raise, keeping the last good checkpoint) or
     # "skip" (drop that step's update and go on; the count is logged).
     on_nonfinite: str = "stop"
+    # Under torchrun (world size > 1; lmlab.train.distributed): "ddp" replicates the trained
+    # modules, "fsdp" shards them per transformer block (FSDP2); auto = ddp. Frozen modules
+    # (a reference, a reward model): "shard" (fsdp only) or "replicate"; auto = shard under
+    # fsdp, replicate under ddp. batch_size and micro_batch_size stay global: each rank
+    # takes micro_batch_size / world_size sequences per forward.
+    distributed: str = "auto"
+    distributed_frozen: str = "auto"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -57,6 +66,11 @@ class TrainConfig:
         object.__setattr__(self, "precision", parse(self.precision))
         if self.on_nonfinite not in NONFINITE:
             raise LmlabError(f"train.on_nonfinite must be one of {NONFINITE}, got {self.on_nonfinite!r}")
+        if self.distributed not in DISTRIBUTED:
+            raise LmlabError(f"train.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
+        if self.distributed_frozen not in FROZEN_PLACEMENT:
+            raise LmlabError(f"train.distributed_frozen must be one of {FROZEN_PLACEMENT}, "
+                             f"got {self.distributed_frozen!r}")
         for name in ("steps", "batch_size", "eval_batches", "log_every"):
             if getattr(self, name) <= 0:
                 raise LmlabError(f"train.{name} must be positive, got {getattr(self, name)}")

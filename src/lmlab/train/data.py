@@ -4,7 +4,9 @@ The loop asks a source for `n` examples at a time (`next_batch(n)`) and stores
 `state_dict()` in each checkpoint, so a resumed run sees exactly the examples the
 uninterrupted run would have seen. Examples are drawn sequence by sequence from a
 per-epoch permutation, so the order does not depend on the micro-batch size: accumulating
-4 x 2 sees the same 8 sequences as one batch of 8.
+4 x 2 sees the same 8 sequences as one batch of 8. Sharded over ranks (`shard`), each rank
+takes its contiguous slice of every global batch of the same permutation, so the ranks
+together see exactly the sequences one process would.
 """
 from __future__ import annotations
 
@@ -27,8 +29,16 @@ class ShuffledBatches:
         if len(dataset) == 0:
             raise LmlabError("the training dataset is empty: give more text or a shorter seq_len")
         self.dataset, self.seed, self.shuffle, self.collate = dataset, seed, shuffle, collate
-        self.position = 0  # examples consumed since the start of training
+        self.position = 0  # examples consumed since the start of training (by all ranks)
+        self.rank, self.world_size = 0, 1
         self._epoch, self._order = -1, None
+
+    def shard(self, rank: int, world_size: int) -> "ShuffledBatches":
+        """This source as rank `rank` of `world_size` sees it: `next_batch(n)` returns its
+        n / world_size examples of the global batch of n; the position stays global."""
+        shard = ShuffledBatches(self.dataset, self.seed, self.shuffle, self.collate)
+        shard.position, shard.rank, shard.world_size = self.position, rank, world_size
+        return shard
 
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.dataset))
@@ -40,7 +50,12 @@ class ShuffledBatches:
         return int(self._order[offset])
 
     def next_batch(self, n: int) -> Any:
-        items = [self.dataset[self._index(self.position + i)] for i in range(n)]
+        share, rest = divmod(n, self.world_size)
+        if rest or share == 0:
+            raise LmlabError(f"a batch of {n} cannot be split over {self.world_size} ranks: make "
+                             "train.micro_batch_size a multiple of the number of processes")
+        first = self.position + self.rank * share
+        items = [self.dataset[self._index(first + i)] for i in range(share)]
         self.position += n
         return self.collate(items)
 

@@ -34,19 +34,21 @@ from torch import nn
 from lmlab.errors import LmlabError
 from lmlab.io import write_text_atomic
 from lmlab.precision import Resolved, resolve
+from lmlab.train import distributed
 from lmlab.train.config import TrainConfig
 from lmlab.train.data import FixedBatches, ShuffledBatches
 from lmlab.train.objectives.base import Objective, batch_tokens, batch_weight, frozen_modules, trainable_modules
 from lmlab.train.schedule import lr_factor
 from lmlab.train.state import (
-    latest_checkpoint, load_checkpoint, read_trainer, remove_stale_temporaries, save_checkpoint,
+    latest_checkpoint, read_trainer, remove_stale_temporaries,
 )
 
 METRICS_FILE = "metrics.jsonl"
 # TrainConfig fields a resumed run may change: how long it runs and what it reports, never
 # what a step computes.
 RESUMABLE_CHANGES = frozenset({"steps", "tokens", "progress", "log_every", "eval_every", "eval_batches",
-                               "checkpoint_every", "keep_checkpoints", "device"})
+                               "checkpoint_every", "keep_checkpoints", "device",
+                               "distributed", "distributed_frozen"})
 
 
 class TrainingInterrupted(LmlabError):
@@ -191,6 +193,16 @@ class MetricsLog:
         self.file.close()
 
 
+class _NoLog:
+    """The metrics log of ranks other than 0."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class StopSignals:
     """While active, SIGINT and SIGTERM ask the loop to stop after the current step (a
     second SIGINT interrupts at once). Only the main thread can own signal handlers."""
@@ -243,7 +255,9 @@ def train(model: nn.Module, objective: Objective, data: Any, cfg: TrainConfig,
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)
-    device = torch.device(cfg.device)
+    dist = distributed.setup(cfg)  # torchrun: DDP/FSDP2; one process: changes nothing
+    log = log if dist.is_main else distributed.silent
+    device = dist.device
     precision = resolve(cfg.precision, device)
     log(f"train: {precision.describe()}")
     trained = {"model": model, **trainable_modules(objective)}
@@ -252,7 +266,8 @@ def train(model: nn.Module, objective: Objective, data: Any, cfg: TrainConfig,
         module.to(device).train()
     for module in frozen.values():
         module.to(device).eval().requires_grad_(False)
-    source = _as_source(data, cfg)
+    objective = dist.wrap(objective, trained, frozen)
+    source = dist.shard(_as_source(data, cfg))
     seq_len = seq_len or getattr(data, "seq_len", None)
     if cfg.tokens is not None and seq_len is None:
         raise LmlabError("train.tokens needs the sequence length; set train.steps instead")
@@ -263,7 +278,7 @@ def train(model: nn.Module, objective: Objective, data: Any, cfg: TrainConfig,
     existing = latest_checkpoint(run_dir)
     if resume and existing is not None:
         _check_resumable(read_trainer(existing), cfg, existing)
-        trainer = load_checkpoint(existing, trained, optimizer, objective)
+        trainer = dist.load_checkpoint(existing, trained, optimizer, objective)
         start = trainer["step"]
         if hasattr(source, "load_state_dict"):
             source.load_state_dict(trainer["data"])
@@ -284,7 +299,7 @@ def train(model: nn.Module, objective: Objective, data: Any, cfg: TrainConfig,
         val_batches = val_data if isinstance(val_data, FixedBatches) else FixedBatches(
             val_data, cfg.micro, cfg.eval_batches)
     forward = torch.compile(objective.__call__) if cfg.compile else objective
-    log_file = MetricsLog(run_dir / METRICS_FILE, start if resumed else None)
+    log_file = MetricsLog(run_dir / METRICS_FILE, start if resumed else None) if dist.is_main else _NoLog()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     after_step = getattr(objective, "after_step", None)
 
@@ -294,13 +309,13 @@ def train(model: nn.Module, objective: Objective, data: Any, cfg: TrainConfig,
         trainer = {"data": source.state_dict() if hasattr(source, "state_dict") else {},
                    "train_config": cfg.to_dict(), "precision": precision.name, **(extra or {})}
         state = objective.state_dict() if hasattr(objective, "state_dict") else None
-        return save_checkpoint(run_dir, step, trained, optimizer, trainer, tokenizer, cfg.keep_checkpoints,
+        return dist.save_checkpoint(run_dir, step, trained, optimizer, trainer, tokenizer, cfg.keep_checkpoints,
                                objective_state=state)
 
     result = TrainResult(run_dir=run_dir, step=start, precision=precision)
     if not resumed:
         log_file.write({"step": 0, "precision": precision.name, "precision_reason": precision.reason})
-    bar = _progress(cfg, total, start)
+    bar = _progress(cfg, total, start) if dist.is_main else None
     t0 = time.perf_counter()
     val_metrics: dict[str, float] = {}
     try:
@@ -314,7 +329,7 @@ def train(model: nn.Module, objective: Objective, data: Any, cfg: TrainConfig,
                 with precision.autocast():  # a generating source samples as the step computes
                     micro = [to_device(source.next_batch(cfg.micro), device) for _ in range(cfg.accumulation)]
                 weights = [batch_weight(objective, b) for b in micro]
-                total_weight = sum(weights) or 1
+                total_weight = dist.total_weight(sum(weights)) or 1
                 step_loss, metrics, tokens, bad = 0.0, {}, 0, None
                 for batch, w in zip(micro, weights):
                     with precision.autocast():
@@ -330,6 +345,7 @@ def train(model: nn.Module, objective: Objective, data: Any, cfg: TrainConfig,
                     for k, v in m.items():
                         metrics[k] = metrics.get(k, 0.0) + float(v) * w / total_weight
                     tokens += batch_tokens(objective, batch)
+                step_loss, metrics, tokens = dist.reduce(step_loss, metrics, tokens)
                 grad_norm = None
                 if bad is None:
                     norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True) if cfg.grad_clip > 0
@@ -367,7 +383,7 @@ def train(model: nn.Module, objective: Objective, data: Any, cfg: TrainConfig,
                     val = val_metrics.get("loss")
                     bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{result.tokens / elapsed:,.0f}",
                                     **({"val": f"{val:.3f}"} if val is not None else {}))
-                if signals.received and done < total:
+                if dist.agree(signals.received) and done < total:
                     path = checkpoint(done)
                     raise TrainingInterrupted(f"stopped by {signals.received} after step {done}; checkpoint "
                                               f"saved to {path}; continue with --resume")
