@@ -13,7 +13,8 @@ Decoding at batch 1 reads every weight once per token, so the step time is bound
 bytes of weights read; int8 and int4 cut those bytes by 4x and ~7x against float32. The
 matmuls go through PyTorch's own CPU kernels, `aten._weight_int8pack_mm` and
 `aten._weight_int4pack_mm_for_cpu`; on a device or shape they do not serve, a layer falls
-back to dequantising its weight in every call (correct, slower). The kernels are fast only
+back to dequantising its weight in every call (correct, slower). Ragged shapes are
+zero-padded to what the kernels need (int8: K to 16; int4: K to the group, N to 16). The kernels are fast only
 for bfloat16 activations (float32 takes a slow reference path in torch 2.13), so
 activations are cast to `compute_dtype` (bfloat16 by default) around each quantised matmul;
 everything else (embedding, norms, attention, residual stream) keeps the model's dtype.
@@ -225,11 +226,14 @@ class QuantLinear(nn.Module):
             self._kweight = F.pad(self.qweight, (0, pad)) if pad else self.qweight
             self._kscales = self.scales.to(cfg.dtype)
             self.kernel = "aten._weight_int8pack_mm"
-        elif self.out_features % 16 == 0:  # the int4 kernel packs 16 output rows at a time
-            codes = unpack_nibbles(self.qweight).to(torch.int32)
+        else:
+            # The kernel packs 16 output rows at a time: pad with zero rows, sliced off after.
+            pad = -self.out_features % 16
+            codes = F.pad(unpack_nibbles(self.qweight).to(torch.int32), (0, 0, 0, pad))
             self._kweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             # The kernel wants (K'/G, N, 2): scale and zero per group, input-group-major.
-            self._kscales = torch.stack((self.scales.t(), self.zeros.t()), -1).contiguous().to(cfg.dtype)
+            sz = torch.stack((self.scales.t(), self.zeros.t()), -1)
+            self._kscales = F.pad(sz, (0, 0, 0, pad)).contiguous().to(cfg.dtype)
             self.kernel = "aten._weight_int4pack_mm_for_cpu"
         return self
 
@@ -247,6 +251,8 @@ class QuantLinear(nn.Module):
                 y = torch.ops.aten._weight_int8pack_mm(x2, self._kweight, self._kscales)
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kweight, cfg.group_size, self._kscales)
+                if y.shape[-1] != self.out_features:
+                    y = y[:, : self.out_features]
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
