@@ -1,6 +1,7 @@
 """Weight-only quantisation: the codes against hand-written dequantisation, the kernels
 against a float matmul of hand-dequantised weights, whole models against float32."""
 import copy
+import math
 import json
 
 import pytest
@@ -202,3 +203,19 @@ def test_dequantising_fallback_where_no_kernel(monkeypatch, fmt):
         y = layer(x)
     ref = x.double() @ reference_weight(layer).T + linear.bias.detach().double()
     assert float((y.double() - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+def test_perplexity_by_hand():
+    from lmlab.eval.perplexity import perplexity
+
+    model = build_model(get_preset("nano").replace(vocab_size=128)).eval()
+    ids = torch.randint(0, 128, (50,))
+    # Two windows of 20 (the last 10 tokens dropped), 19 scored tokens each.
+    nll = []
+    for w in (ids[:20], ids[20:40]):
+        with torch.no_grad():
+            logp = model(w[None, :-1])[0].log_softmax(-1)
+        nll += [-float(logp[i, w[i + 1]]) for i in range(19)]
+    assert perplexity(model, ids, 20, batch_size=1) == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+    with pytest.raises(LmlabError, match="window"):
+        perplexity(model, ids[:5], 20)
