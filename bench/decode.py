@@ -2,7 +2,7 @@
 lmlab.decode.quant) against transformers' LlamaForCausalLM in float32 with the same
 weights, interleaved in one process, beside the memory-bandwidth roofline.
 
-    python bench/decode.py [--quick] [--new-tokens 32] [--repeats 3] [--profile] [--compile]
+    python bench/decode.py [--quick] [--threads 1] [--new-tokens 32] [--repeats 3] [--profile] [--compile]
 
 Models (random weights): SmolLM2-135M's shape (30 layers, d_model 576, 9 heads, 3 KV heads,
 ffn 1536, vocab 49152, tied embeddings) and the `micro` preset. At batch 1 every step reads
@@ -138,7 +138,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="torch.profiler top ops of the int8 path")
     parser.add_argument("--compile", action="store_true", help="also time generate(compile=True) (slow to compile)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (on a CPU shared with other jobs, 1 avoids threads waiting "
+                             "on descheduled peers at every op)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n, repeats = (8, 1) if args.quick else (args.new_tokens, args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
