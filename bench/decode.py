@@ -2,7 +2,7 @@
 lmlab.decode.quant) against transformers' LlamaForCausalLM in float32 with the same
 weights, interleaved in one process, beside the memory-bandwidth roofline.
 
-    python bench/decode.py [--quick] [--threads 1] [--new-tokens 32] [--repeats 3] [--profile] [--compile]
+    python bench/decode.py [--quick] [--threads 1] [--new-tokens 32] [--repeats 3] [--profile] [--compile] [--models micro]
 
 Models (random weights): SmolLM2-135M's shape (30 layers, d_model 576, 9 heads, 3 KV heads,
 ffn 1536, vocab 49152, tied embeddings) and the `micro` preset. At batch 1 every step reads
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads (on a CPU shared with other jobs, 1 avoids threads waiting "
                              "on descheduled peers at every op)")
+    parser.add_argument("--models", default="micro,smollm2-135m-shape", help="comma-separated subset")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,6 +152,8 @@ def main() -> None:
     bandwidth = read_bandwidth(256 if args.quick else 512)
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s (torch sum over a large float32 array)")
     for cfg in (get_preset("micro"), SMOLLM2_135M):
+        if cfg.name not in args.models.split(","):
+            continue
         bench_model(cfg, (1, 8), n, args.prompt_len, repeats, bandwidth, args.compile and not args.quick)
     if args.profile:
         profile_int8(SMOLLM2_135M, 4 if args.quick else 16)
