@@ -184,6 +184,12 @@ def test_errors(tmp_path):
         quantize_model(model, "int8")
     from lmlab.checkpoint import save_model
 
+    from lmlab.adapters.inject import AdapterConfig, apply_adapters
+
+    adapted = build_model(get_preset("nano"))
+    apply_adapters(adapted, AdapterConfig(r=2))
+    with pytest.raises(LmlabError, match="strip_adapters"):
+        quantize_model(adapted, "int8")
     float_dir = tmp_path / "float"
     save_model(build_model(get_preset("nano")), float_dir)
     with pytest.raises(LmlabError, match="not a quantised checkpoint"):

@@ -295,6 +295,11 @@ def quantize_model(model: nn.Module, fmt: str = "int8", group_size: int = 32, ze
     config = QuantConfig(fmt, group_size, zero_point, compute_dtype)
     if getattr(model, "quantization", None) is not None:
         raise LmlabError("this model is already quantised; quantise the float checkpoint instead")
+    from lmlab.adapters.lora import LoRAMixin
+
+    if any(isinstance(m, LoRAMixin) for m in model.modules()):
+        raise LmlabError("this model carries LoRA/DoRA adapters: fold them in first with "
+                         "lmlab.adapters.inject.strip_adapters(model), then quantise")
     names = _linear_names(model)
     for name in names:
         _replace(model, name, QuantLinear.from_linear(model.get_submodule(name), config))
