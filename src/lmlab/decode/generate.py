@@ -98,7 +98,8 @@ class Decoder:
     """Steps a model over a left-padded batch: `prefill` once, then `step(tokens)`.
     Proxy-tuning and speculative decoding drive several of these in lock-step."""
 
-    def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int = 0) -> None:
+    def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int = 0,
+                 compile: bool = False) -> None:
         self.model = model
         param = next(model.parameters())
         self.device = param.device
@@ -111,6 +112,13 @@ class Decoder:
                 f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
                 f"model's context of {limit}; shorten the prompt or generate fewer tokens"
             )
+        self.compiled = None
+        if compile:
+            from lmlab.decode.static import SLOT_BUCKET, check_compilable, compiled_step
+
+            check_compilable(model)
+            self.compiled = compiled_step()
+            total = min(limit, -(-total // SLOT_BUCKET) * SLOT_BUCKET)
         self.cache = model.new_cache(len(prompts), total)
         self.ids = ids.to(self.device)
         # Validity of every cache slot; generated slots are valid as soon as they are written.
@@ -120,7 +128,15 @@ class Decoder:
         self.next_pos = valid.sum(1).to(self.device)  # per-row position of the next token
 
     def _mask(self, t: int) -> torch.Tensor | None:
-        return self.valid[:, : self.cache.length + t] if self.padded else None
+        if not self.padded:
+            return None
+        k_len = self.cache.length + t
+        window = self.model.config.sliding_window
+        if t == 1 and (window is None or k_len <= window):
+            # One new token sees every valid slot written so far, its own included: the
+            # key-validity row is the whole mask, with no causal mask to build per step.
+            return self.valid[:, None, None, :k_len]
+        return self.valid[:, :k_len]
 
     @torch.no_grad()
     def prefill(self) -> torch.Tensor:
@@ -132,7 +148,16 @@ class Decoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed (B,) tokens; return the (B, V) logits for the next ones."""
-        return self.extend(tokens[:, None])[:, -1]
+        if self.compiled is None:
+            return self.extend(tokens[:, None])[:, -1]
+        slot = torch.tensor([self.cache.length], device=self.device)
+        if self.cache.length >= self.cache.max_len:
+            raise LmlabError(f"KV cache is full ({self.cache.max_len} slots); generate fewer tokens")
+        logits = self.compiled(self.model, self.cache, tokens[:, None].to(self.device), self.next_pos[:, None],
+                               slot, self.valid, self.model.config.sliding_window)
+        self.cache.advance(1)
+        self.next_pos = self.next_pos + 1
+        return logits.float()
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -160,8 +185,12 @@ def stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temp
            repetition_penalty: float | None = None, eos_id: int | None = None,
            stop: Sequence[str] | None = None, decode: Callable[[list[int]], str] | None = None,
            seed: int | None = None, pad_id: int = 0, results: list[Generation] | None = None,
-           next_logits: Callable | None = None) -> Iterator[Step]:
+           next_logits: Callable | None = None, compile: bool = False) -> Iterator[Step]:
     """Yield one `Step` per generated position until every row has finished.
+
+    `compile=True` runs each decoding step as one static-shape graph under torch.compile
+    (`lmlab.decode.static`); the first call per batch size and cache size compiles (slow),
+    later ones reuse it. Greedy tokens equal the eager path's.
 
     `results`, if given, is filled with one `Generation` per prompt as decoding goes.
     `next_logits`, if given, replaces the single-model forward: it receives the tokens just
@@ -171,7 +200,7 @@ def stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temp
     if stop and decode is None:
         raise LmlabError("stop strings need a decode function (pass decode=tokenizer.decode)")
     if next_logits is None:
-        decoder = Decoder(model, prompts, max_new_tokens, pad_id)
+        decoder = Decoder(model, prompts, max_new_tokens, pad_id, compile=compile)
 
         def next_logits(tokens):
             return decoder.prefill() if tokens is None else decoder.step(tokens)

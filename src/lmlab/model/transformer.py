@@ -150,8 +150,11 @@ class Transformer(nn.Module):
         return self.inv_freq
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden, weight)
+        # Call the head module (not its .weight) so a replaced head, e.g. a quantised one
+        # or an adapter-wrapped one, computes the logits itself.
+        if self.lm_head is None:
+            return nn.functional.linear(hidden, self.embed.weight)
+        return self.lm_head(hidden)
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
