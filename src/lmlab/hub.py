@@ -58,6 +58,10 @@ def _open_lmlab(path: Path, device="cpu", dtype=None, merge_adapters: bool = Tru
     meta = _config(path)
     if meta.get("kind") == KIND_ADAPTER:
         return _open_adapter(path, meta, device, dtype, merge_adapters)
+    if "quantization" in meta:  # weight-only int8/int4 (lmlab.decode.quant)
+        from lmlab.decode.quant import load_quantized
+
+        return load_quantized(path, device=device)
     return load_lmlab_model(path, device=device, dtype=dtype, merge_adapters=merge_adapters)
 
 

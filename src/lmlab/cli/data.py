@@ -7,6 +7,8 @@ import json
 
 from lmlab.errors import LmlabError
 
+OVERWRITE_HELP = "replace the files this command writes in an existing output (others are kept)"
+
 
 def _texts(inputs: list[str], text_field: str):
     from lmlab.data.corpus import embedded_corpus_texts
@@ -20,8 +22,13 @@ def _texts(inputs: list[str], text_field: str):
 def cmd_tokenize(args: argparse.Namespace) -> None:
     from lmlab.tokenizer import train_tokenizer
 
+    from lmlab.io import check_output_file
+    from lmlab.tokenizer import is_tokenizer_file
+
+    check_output_file(args.out, args.overwrite, is_ours=is_tokenizer_file, inputs=args.inputs,
+                      what="tokenizer file")  # refused before the training, not after
     tok = train_tokenizer(_texts(args.inputs, args.text_field), args.vocab_size)
-    tok.save(args.out)
+    tok.save(args.out, overwrite=args.overwrite)
     print(f"trained a {tok.vocab_size}-token byte-level BPE -> {args.out}")
 
 
@@ -30,8 +37,10 @@ def cmd_shards(args: argparse.Namespace) -> None:
     from lmlab.tokenizer import Tokenizer
 
     tok = Tokenizer.load(args.tokenizer)
-    manifest = build_shards(_texts(args.inputs, args.text_field), tok, args.out, seq_len=args.seq_len,
-                            val_fraction=args.val_fraction)
+    # One path is passed as a path, so "the output is the input" is caught by name.
+    source = args.inputs[0] if len(args.inputs) == 1 else _texts(args.inputs, args.text_field)
+    manifest = build_shards(source, tok, args.out, seq_len=args.seq_len, val_fraction=args.val_fraction,
+                            text_field=args.text_field, overwrite=args.overwrite)
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens, {info['rows']} rows")
     print(f"{manifest['tokens_per_second']:,} tokens/s -> {args.out}")
@@ -43,7 +52,8 @@ def cmd_world_export(args: argparse.Namespace) -> None:
 
     labeller = LabellerConfig(temperature=args.label_temperature, length_weight=args.length_weight,
                               filler_weight=args.filler_weight, flip_rate=args.flip_rate)
-    manifest = export_world(args.name, args.out_dir, seed=args.seed, n=args.n, labeller=labeller)
+    manifest = export_world(args.name, args.out_dir, seed=args.seed, n=args.n, labeller=labeller,
+                            overwrite=args.overwrite)
     for fname, count in manifest["files"].items():
         print(f"{args.out_dir}/{fname}: {count} rows")
 
@@ -67,12 +77,20 @@ def _section(args: argparse.Namespace, key: str):
     return getattr(curate_config(load_yaml(args.config) if args.config else {}), key)
 
 
-def _run_steps(args: argparse.Namespace, **sections) -> None:
-    from lmlab.data.curate import CurateConfig, curate, read_documents
+def _curate(args: argparse.Namespace, cfg) -> None:
+    from lmlab.data.curate import curate, read_documents
+    from lmlab.io import check_output_file
 
-    report = curate(lambda: read_documents(args.input), args.output,
-                    CurateConfig(**{k: None for k in ("clean", "quality", "dedup", "learned")} | sections))
+    if args.report:  # refused before the work, like the output itself
+        check_output_file(args.report, args.overwrite, inputs=[args.input], what="report file")
+    report = curate(lambda: read_documents(args.input), args.output, cfg, overwrite=args.overwrite)
     _write_report(args.report, report)
+
+
+def _run_steps(args: argparse.Namespace, **sections) -> None:
+    from lmlab.data.curate import CurateConfig
+
+    _curate(args, CurateConfig(**{k: None for k in ("clean", "quality", "dedup", "learned")} | sections))
 
 
 def cmd_data_clean(args: argparse.Namespace) -> None:
@@ -104,7 +122,7 @@ def cmd_data_filter_train(args: argparse.Namespace) -> None:
     good = [d["text"] for d in read_documents(args.good)]
     bad = [d["text"] for d in read_documents(args.random)]
     clf = train_classifier(good, bad, TrainConfig(epochs=args.epochs, seed=args.seed))
-    clf.save(args.output)
+    clf.save(args.output, overwrite=args.overwrite)
     scores_good, scores_bad = clf.scores(good), clf.scores(bad)
     print(json.dumps({"saved": args.output, "good": len(good), "random": len(bad),
                       "train_accuracy": float(((scores_good >= 0.5).sum() + (scores_bad < 0.5).sum()) / (len(good) + len(bad)))}))
@@ -125,17 +143,15 @@ def cmd_data_mix(args: argparse.Namespace) -> None:
         except ValueError:
             raise LmlabError(f"--source {spec!r}: WEIGHT must be a number and EPOCHS an integer") from None
         sources.append(MixtureSource(name, lambda p=path: read_documents(p), weight, epochs))
-    n = write_documents(args.output, mix(sources, seed=args.seed, max_docs=args.max_docs))
+    n = write_documents(args.output, mix(sources, seed=args.seed, max_docs=args.max_docs), overwrite=args.overwrite)
     print(json.dumps({"written": n, "output": args.output}))
 
 
 def cmd_data_curate(args: argparse.Namespace) -> None:
     from lmlab.config import load_yaml
-    from lmlab.data.curate import curate, curate_config, read_documents
+    from lmlab.data.curate import curate_config
 
-    report = curate(lambda: read_documents(args.input), args.output,
-                    curate_config(load_yaml(args.config) if args.config else {}))
-    _write_report(args.report, report)
+    _curate(args, curate_config(load_yaml(args.config) if args.config else {}))
 
 
 def add_data_curation_commands(data_sub) -> None:
@@ -146,6 +162,7 @@ def add_data_curation_commands(data_sub) -> None:
         p.add_argument("output", help="output .jsonl")
         p.add_argument("--config", help="curation YAML (sections clean/quality/dedup/learned; see docs/curation.md)")
         p.add_argument("--report", help="write the full JSON report here")
+        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         return p
 
     io_parser("clean", "normalise text, strip boilerplate lines, drop bad charset/script/length").set_defaults(func=cmd_data_clean)
@@ -166,6 +183,7 @@ def add_data_curation_commands(data_sub) -> None:
     p.add_argument("good")
     p.add_argument("random")
     p.add_argument("output", help=".safetensors")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_filter_train)
@@ -174,6 +192,7 @@ def add_data_curation_commands(data_sub) -> None:
     p.add_argument("--source", action="append", required=True, metavar="NAME=PATH[:WEIGHT[:EPOCHS]]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-docs", type=int)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_data_mix)
     io_parser("curate", "the whole pipeline: clean, quality, dedup, learned filter").set_defaults(func=cmd_data_curate)
 
@@ -184,6 +203,7 @@ def add_commands(sub) -> None:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
     p.add_argument("--out", default="tokenizer.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file that is not a tokenizer")
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("shards", help="tokenize and pack documents into memory-mapped training shards")
@@ -193,6 +213,7 @@ def add_commands(sub) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--text-field", default="text")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_shards)
 
     world = sub.add_parser("world", help="gold-reward worlds (SortWorld, FactWorld)").add_subparsers(
@@ -207,6 +228,7 @@ def add_commands(sub) -> None:
     p.add_argument("--label-temperature", type=float, default=0.1, help="sort labeller: Bradley-Terry temperature")
     p.add_argument("--length-weight", type=float, default=0.05, help="sort labeller: spurious bonus per answer token")
     p.add_argument("--filler-weight", type=float, default=0.1, help="sort labeller: spurious bonus per filler word")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_world_export)
 
     data = sub.add_parser("data", help="data tools: curation (clean, dedup, filter, mix, curate)")

@@ -21,6 +21,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not proxy:
         require_weights(args.model, "plain and speculative decoding")
     model = member(args.model)
+    if args.quantize:
+        from lmlab.decode.quant import quantize_model
+
+        quantize_model(model, args.quantize, group_size=args.group_size)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    eos_id=tok.eos_id, seed=args.seed)
     if args.draft:
@@ -34,6 +38,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                   f"accepted ({out.acceptance_rate:.0%}), {out.target_forwards} target forwards]")
         return
     options.update(repetition_penalty=args.repetition_penalty, stop=args.stop or None, decode=tok.decode)
+    plain = dict(compile=True) if args.compile else {}
     if proxy:
         from lmlab.decode.proxy import proxy_generate
 
@@ -44,14 +49,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     elif len(prompts) == 1:  # stream the text as it is generated
         results, shown = [], ""
         print(args.prompt[0], end="", flush=True)
-        for _ in stream(model, prompts, args.max_new_tokens, results=results, **options):
+        for _ in stream(model, prompts, args.max_new_tokens, results=results, **options, **plain):
             text = tok.decode([t for t in results[0].tokens if t != tok.eos_id])
             print(text[len(shown):], end="", flush=True)
             shown = text
         print()
         return
     else:
-        outs = generate(model, prompts, args.max_new_tokens, **options)
+        outs = generate(model, prompts, args.max_new_tokens, **options, **plain)
     for prompt, g in zip(args.prompt, outs):
         print(f"{prompt}{g.text}\n[{g.finish_reason}, {len(g.tokens)} tokens]")
 
@@ -79,4 +84,8 @@ def add_commands(sub) -> None:
     p.add_argument("--remote-top-k", type=int, default=20, help="log-probs asked of remote members")
     p.add_argument("--draft", help="speculative decoding: a small draft model with the same tokenizer")
     p.add_argument("--speculate-k", type=int, default=4, help="draft tokens proposed per target forward")
+    p.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantisation at load time")
+    p.add_argument("--group-size", type=int, default=32, help="int4: inputs per scale group")
+    p.add_argument("--compile", action="store_true",
+                   help="a static-shape decode step under torch.compile (pays off for small/quantised models)")
     p.set_defaults(func=cmd_generate)

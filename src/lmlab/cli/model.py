@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lmlab.cli.data import OVERWRITE_HELP
+
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from lmlab.config import PRESETS, get_preset, load_yaml, resolve_model_config
@@ -29,18 +31,41 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
         dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
         convert = hf_reward.convert_reward_from_hf if hf_reward.is_hf_reward_dir(args.src) else hf.convert_from_hf
-        out = convert(args.src, args.out, dtype=dtype)
+        out = convert(args.src, args.out, dtype=dtype, overwrite=args.overwrite)
     elif hf_reward.is_reward_dir(args.src):
-        out = hf_reward.convert_reward_to_hf(args.src, args.out, allow_pad_eos=args.allow_pad_eos)
+        out = hf_reward.convert_reward_to_hf(args.src, args.out, allow_pad_eos=args.allow_pad_eos,
+                                             overwrite=args.overwrite)
     else:
-        out = hf.convert_to_hf(args.src, args.out, max_shard_bytes=hf.parse_size(args.max_shard_size))
+        out = hf.convert_to_hf(args.src, args.out, max_shard_bytes=hf.parse_size(args.max_shard_size),
+                               overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
 def cmd_adapter_merge(args: argparse.Namespace) -> None:
     from lmlab.adapters.export import merge_adapter_into
 
-    print(f"wrote {merge_adapter_into(args.base, args.adapter, args.out)}")
+    print(f"wrote {merge_adapter_into(args.base, args.adapter, args.out, overwrite=args.overwrite)}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from lmlab.decode.quant import quantize_model, save_quantized
+    from lmlab.hub import load_model
+    from lmlab.tokenizer import Tokenizer
+
+    model = quantize_model(load_model(args.model), args.format, group_size=args.group_size,
+                           zero_point=not args.no_zero_point, compute_dtype=args.compute_dtype)
+    try:
+        tokenizer = Tokenizer.load(args.model)
+    except Exception:  # a model without a stored tokenizer is still worth quantising
+        tokenizer = None
+    print(f"wrote {save_quantized(model, args.out, tokenizer=tokenizer)}")
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from lmlab.interop.gguf import export_gguf
+
+    print(f"wrote {export_gguf(args.model, args.out, type=args.type, pre=args.pre)}")
+
 
 
 def add_commands(sub) -> None:
@@ -57,6 +82,7 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
                    help="from-hf: cast the weights (default: keep the stored dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="to-hf: shard the weights above this size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--allow-pad-eos", action="store_true",
                    help="to-hf, reward models: export even though pad == eos (transformers then scores "
                         "the token before a trailing EOS)")
@@ -68,4 +94,24 @@ def add_commands(sub) -> None:
     p.add_argument("base", help="the base model directory the adapter was trained on")
     p.add_argument("adapter", help="the adapter directory (adapter.safetensors + adapter_config.json)")
     p.add_argument("out", help="output model directory")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_adapter_merge)
+
+    p = sub.add_parser("quantize", help="weight-only int8/int4 quantisation of a model (CPU kernels)")
+    p.add_argument("model", help="an lmlab or Hugging Face model directory")
+    p.add_argument("out", help="output directory (a quantised lmlab checkpoint)")
+    p.add_argument("--format", choices=("int8", "int4"), default="int8")
+    p.add_argument("--group-size", type=int, default=32, help="int4: inputs per scale group")
+    p.add_argument("--no-zero-point", action="store_true", help="int4: symmetric groups")
+    p.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="activations around the quantised matmuls (the kernels are fast in bf16)")
+    p.set_defaults(func=cmd_quantize)
+
+    export = sub.add_parser("export", help="export a model to another runtime's format").add_subparsers(
+        dest="export_command", required=True)
+    p = export.add_parser("gguf", help="one GGUF file llama.cpp runs (Llama family, byte-level BPE)")
+    p.add_argument("model", help="an lmlab or Hugging Face Llama-family model directory")
+    p.add_argument("out", help="output .gguf file")
+    p.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f32")
+    p.add_argument("--pre", help="override the detected llama.cpp pre-tokenizer name")
+    p.set_defaults(func=cmd_export_gguf)
