@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from lmlab.config import from_mapping, load_yaml
+from lmlab.align.dpo import DPOConfig
 from lmlab.errors import LmlabError
 from lmlab.io import read_json, write_json_atomic, write_text_atomic
 from lmlab.stages.common import DataConfig
@@ -48,6 +49,7 @@ STAGE_MODULES = {
     "world": "lmlab.stages.world",
     "sft": "lmlab.stages.sft",
     "eval": "lmlab.stages.eval",
+    "dpo": "lmlab.stages.dpo",
 }
 
 
@@ -72,10 +74,11 @@ class Recipe:
     world: WorldConfig = WorldConfig()
     sft: FinetuneConfig = field(default_factory=_default_sft)
     eval: EvalConfig = EvalConfig()
+    dpo: DPOConfig = DPOConfig()
 
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig, "world": WorldConfig,
-            "sft": FinetuneConfig, "eval": EvalConfig}
+            "sft": FinetuneConfig, "eval": EvalConfig, "dpo": DPOConfig}
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
 

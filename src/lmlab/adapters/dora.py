@@ -57,7 +57,7 @@ class DoRAMixin:
 
 class DoRALinear(DoRAMixin, LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
             return F.linear(x, self.weight, self.bias)
         scale = self.magnitude / self.direction_norm()  # (out,)
         base = F.linear(x, self.weight)
@@ -71,7 +71,7 @@ class DoRALinear(DoRAMixin, LoRALinear):
 class DoRAExperts(DoRAMixin, LoRAExperts):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         base = grouped_linear(x, self.weight, counts)
-        if self.merged:
+        if self.merged or self.disabled:
             return base
         # Each row is scaled by its own expert's m/n: (E, out) -> (rows, out).
         scale = (self.magnitude / self.direction_norm()).repeat_interleave(counts, dim=0, output_size=x.shape[0])

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -138,6 +139,30 @@ def unmerge_adapters(model: nn.Module) -> None:
     """Undo `merge_adapters`: the base weights return (up to float rounding)."""
     for module in adapter_modules(model).values():
         module.unmerge()
+
+
+@contextmanager
+def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` as its base while the block lasts: every adapter is bypassed (its
+    forward is the frozen base module's alone), with no second copy of the weights. DPO's
+    reference when training LoRA/DoRA. Base parameters that `adapter_config.trainable`
+    names are *not* restored: they are trained in place, so the caller must check them."""
+    modules = adapter_modules(model)
+    if not modules:
+        raise LmlabError("this model has no adapters to disable; the adapter-disabled reference needs a "
+                         "LoRA/DoRA policy (method lora or dora), or give a separate reference model")
+    merged = [n for n, m in modules.items() if m.merged]
+    if merged:
+        raise LmlabError(f"{merged[0]} is merged into its base weight, so the base cannot be recovered by "
+                         "disabling it; unmerge_adapters(model) first")
+    previous = {n: m.disabled for n, m in modules.items()}
+    for m in modules.values():
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for n, m in modules.items():
+            m.disabled = previous[n]
 
 
 def strip_adapters(model: nn.Module) -> nn.Module:

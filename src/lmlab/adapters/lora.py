@@ -45,6 +45,7 @@ class LoRAMixin:
         self.lora_B = nn.Parameter(torch.empty(*lead, self.out_features, r, **factory))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # set by `disabled_adapters`: forward is the base's alone
         self.reset_adapter()
 
     @torch.no_grad()
@@ -98,7 +99,7 @@ class LoRALinear(LoRAMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + (self.scaling * self.lora_out(self.dropout(x))).to(y.dtype)
 
@@ -127,7 +128,7 @@ class LoRAExperts(LoRAMixin, GroupedLinear):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         y = grouped_linear(x, self.weight, counts)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + (self.scaling * self.lora_out(self.dropout(x), counts)).to(y.dtype)
 

@@ -210,18 +210,23 @@ class PreferenceExample:
     rejected_prompt_len: int
     margin: float
     source: str
+    # Identifies the example across every dataset of a run (train and validation alike):
+    # what DPO's reference log-prob cache is keyed by.
+    index: int = 0
 
 
 def encode_pairs(pairs: Sequence[PreferencePair], encoder: PairEncoder, max_len: int,
-                 truncate: bool = False) -> list[PreferenceExample]:
+                 truncate: bool = False, first_index: int = 0) -> list[PreferenceExample]:
+    """Tokenised pairs numbered `first_index`, `first_index + 1`, ... (give a validation
+    set indices after the training set's)."""
     out = []
-    for p in pairs:
+    for n, p in enumerate(pairs):
         sides = []
         for completion in (p.chosen, p.rejected):
             ids, plen = encoder.encode(p.prompt, completion, p.source)
             sides.append(fit_to_context(ids, plen, max_len, truncate, p.source))
         (c, cp), (r, rp) = sides
-        out.append(PreferenceExample(tuple(c), tuple(r), cp, rp, p.margin or 0.0, p.source))
+        out.append(PreferenceExample(tuple(c), tuple(r), cp, rp, p.margin or 0.0, p.source, first_index + n))
     return out
 
 
@@ -243,7 +248,7 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right",
 
 class PreferenceCollator:
     """Examples -> {chosen_ids, chosen_mask, rejected_ids, rejected_mask, chosen_prompt_len,
-    rejected_prompt_len[, margin]}; both sides padded to one width, so the objective runs
+    rejected_prompt_len, index[, margin]}; both sides padded to one width, so the objective runs
     them as one batch."""
 
     def __init__(self, pad_id: int, padding_side: str = "right", with_margin: bool = False) -> None:
@@ -257,7 +262,8 @@ class PreferenceCollator:
         r_ids, r_mask = pad_rows([e.rejected_ids for e in items], self.pad_id, self.side, width)
         batch = {"chosen_ids": c_ids, "chosen_mask": c_mask, "rejected_ids": r_ids, "rejected_mask": r_mask,
                  "chosen_prompt_len": torch.tensor([e.chosen_prompt_len for e in items]),
-                 "rejected_prompt_len": torch.tensor([e.rejected_prompt_len for e in items])}
+                 "rejected_prompt_len": torch.tensor([e.rejected_prompt_len for e in items]),
+                 "index": torch.tensor([e.index for e in items], dtype=torch.int64)}
         if self.with_margin:
             batch["margin"] = torch.tensor([e.margin for e in items], dtype=torch.float32)
         return batch

@@ -1,0 +1,29 @@
+"""Stage `dpo`: DPO of the SFT model on the world's preference pairs (preferences_train,
+validated on preferences_test_id) -> dpo/ (model/, adapter/ for LoRA/DoRA, metrics.jsonl,
+dpo_report.json; sft_first/ with `dpo.sft_first`). Not in the default recipe: add it to
+`stages:` after sft."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+NEEDS = ("sft", "world")
+SECTIONS = ("dpo",)
+
+
+def run(ctx) -> None:
+    from lmlab.align.dpo import train_dpo
+    from lmlab.stages.common import model_dir, require
+
+    cfg = ctx.recipe.dpo
+    base = cfg.base or str(model_dir(ctx.run_dir, "sft"))
+    data = cfg.data
+    if not data.train:
+        world = ctx.input("world")
+        val = world / "preferences_test_id.jsonl"
+        data = replace(data, train=str(require(world / "preferences_train.jsonl", "world")),
+                       val=data.val or (str(val) if val.is_file() and not data.val_fraction else None))
+    cfg = replace(cfg, base=base, data=data, out=str(ctx.out))
+    result = train_dpo(base, ctx.out, cfg, resume="auto" if ctx.resume else False, log=ctx.echo)
+    val = result.report["val"]
+    ctx.echo(f"dpo ({cfg.method}, {cfg.loss}): {result.train.step} steps, held-out preference accuracy "
+             f"{'-' if val is None else format(val['accuracy'], '.3f')}")
