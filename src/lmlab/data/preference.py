@@ -13,7 +13,6 @@ text: BOS + prompt + completion + EOS, for base models). Each side keeps its pro
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from lmlab.data import IGNORE_INDEX
 from lmlab.data.chat import JinjaTemplate, RoleTokenTemplate, conversation_from_record
 from lmlab.errors import LmlabError
+from lmlab.io import iter_jsonl
 
 PLAIN = "none"
 PADDING_SIDES = ("right", "left")
@@ -117,20 +117,12 @@ def read_preference_jsonl(path: str | Path) -> PreferenceSet:
     if not path.is_file():
         raise LmlabError(f"preference data file not found: {path}")
     pairs, identical = [], 0
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{source}: malformed JSON ({e.msg}); fix or delete the line") from None
-            pair = pair_from_record(record, source)
-            if pair.chosen == pair.rejected:
-                identical += 1
-            else:
-                pairs.append(pair)
+    for n, record in iter_jsonl(path):  # malformed, truncated or non-UTF-8 lines: file:line
+        pair = pair_from_record(record, f"{path}:{n}")
+        if pair.chosen == pair.rejected:
+            identical += 1
+        else:
+            pairs.append(pair)
     if not pairs:
         if identical:
             raise LmlabError(f"{path}: chosen equals rejected in all {identical} pairs, so there is no preference "

@@ -9,11 +9,11 @@ model, `base_prompt` the same question in the pretraining corpus's format.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Sequence
 
 from lmlab.errors import LmlabError
+from lmlab.io import iter_jsonl
 
 PROMPT_FORMATS = ("chat", "base")
 
@@ -26,13 +26,7 @@ def read_eval_rows(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise LmlabError(f"{path} not found: pass a world directory (lmlab world export) or its eval.jsonl")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmlabError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    for lineno, row in iter_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise LmlabError(f"{path}:{lineno}: each row needs a text 'prompt' (a world's eval.jsonl)")
         rows.append(row)

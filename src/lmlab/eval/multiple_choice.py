@@ -11,7 +11,6 @@ Ties go to the first choice, as numpy's argmax does.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Sequence
 from torch import nn
 
 from lmlab.errors import LmlabError
+from lmlab.io import iter_jsonl
 from lmlab.eval.scoring import encode_pair, score_pairs
 
 
@@ -49,15 +49,8 @@ def read_task(path: str | Path) -> list[Question]:
     if not path.is_file():
         raise LmlabError(f"task file not found: {path}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or remove that line") from None
-            out.append(question_from_record(record, f"{path}:{lineno}"))
+    for lineno, record in iter_jsonl(path):
+        out.append(question_from_record(record, f"{path}:{lineno}"))
     if not out:
         raise LmlabError(f"{path} holds no questions")
     return out

@@ -9,7 +9,6 @@ The run directory gets what `train` writes (metrics, checkpoints), `reward_repor
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -23,7 +22,7 @@ from lmlab.data.preference import (
     PairEncoder, PreferenceCollator, PreferenceDataset, encode_pairs, pad_id_of, read_preference_jsonl,
 )
 from lmlab.errors import LmlabError
-from lmlab.io import write_json_atomic, write_jsonl_atomic
+from lmlab.io import iter_jsonl, write_json_atomic, write_jsonl_atomic
 from lmlab.model.heads import RewardModel
 from lmlab.rewards.io import save_reward_model
 from lmlab.train.config import TrainConfig
@@ -228,33 +227,26 @@ def _score_requests(path: Path) -> list[tuple[dict, list[tuple[str, Any, str]]]]
     from lmlab.data.preference import pair_from_record
 
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{source}: malformed JSON ({e.msg}); fix or delete the line") from None
-            if not isinstance(record, dict):
-                raise LmlabError(f"{source}: expected a JSON object, got {type(record).__name__}")
-            if "chosen" in record or "rejected" in record:
-                p = pair_from_record(record, source)
-                reqs = [("chosen_score", p.prompt, p.chosen), ("rejected_score", p.prompt, p.rejected)]
-            elif isinstance(record.get("messages"), list) and record["messages"]:
-                msgs = record["messages"]
-                last = msgs[-1]
-                if not isinstance(last, dict) or last.get("role") != "assistant":
-                    raise LmlabError(f"{source}: the last message must be the assistant answer to score")
-                reqs = [("score", msgs[:-1], last.get("content"))]
-            else:
-                completion = record.get("completion", record.get("response"))
-                if not isinstance(record.get("prompt"), str) or not isinstance(completion, str):
-                    raise LmlabError(f"{source}: a line to score needs string 'prompt' and 'completion' (or "
-                                     f"'response'), 'messages', or 'chosen'/'rejected'; found keys {sorted(record)}")
-                reqs = [("score", record["prompt"], completion)]
-            out.append((record, [(k, p, c, source) for k, p, c in reqs]))
+    for n, record in iter_jsonl(path):
+        source = f"{path}:{n}"
+        if not isinstance(record, dict):
+            raise LmlabError(f"{source}: expected a JSON object, got {type(record).__name__}")
+        if "chosen" in record or "rejected" in record:
+            p = pair_from_record(record, source)
+            reqs = [("chosen_score", p.prompt, p.chosen), ("rejected_score", p.prompt, p.rejected)]
+        elif isinstance(record.get("messages"), list) and record["messages"]:
+            msgs = record["messages"]
+            last = msgs[-1]
+            if not isinstance(last, dict) or last.get("role") != "assistant":
+                raise LmlabError(f"{source}: the last message must be the assistant answer to score")
+            reqs = [("score", msgs[:-1], last.get("content"))]
+        else:
+            completion = record.get("completion", record.get("response"))
+            if not isinstance(record.get("prompt"), str) or not isinstance(completion, str):
+                raise LmlabError(f"{source}: a line to score needs string 'prompt' and 'completion' (or "
+                                 f"'response'), 'messages', or 'chosen'/'rejected'; found keys {sorted(record)}")
+            reqs = [("score", record["prompt"], completion)]
+        out.append((record, [(k, p, c, source) for k, p, c in reqs]))
     if not out:
         raise LmlabError(f"{path} holds nothing to score")
     return out
