@@ -22,7 +22,8 @@ from torch import nn
 from lmlab.adapters import AdapterConfig, save_adapter, strip_adapters
 from lmlab.config import from_mapping
 from lmlab.data.preference import (
-    PLAIN, PairEncoder, PreferenceCollator, PreferenceDataset, PreferencePair, encode_pairs, pad_id_of,
+    PLAIN, PairEncoder, PreferenceCollator, PreferenceDataConfig, PreferenceDataset, PreferencePair, encode_pairs,
+    pad_id_of,
     read_preference_jsonl,
 )
 from lmlab.errors import LmlabError
@@ -38,21 +39,6 @@ METHODS = ("full", "lora", "dora")
 # log-probs precomputed once with the start policy (no copy kept while training).
 REFERENCES = ("auto", "adapters", "copy", "precompute")
 REPORT = "dpo_report.json"
-
-
-@dataclass(frozen=True)
-class DPODataConfig:
-    train: str = ""  # preference JSONL (in `lmlab run`: world/preferences_train.jsonl)
-    val: str | None = None  # held-out preference JSONL (in `lmlab run`: world/preferences_test_id.jsonl)
-    val_fraction: float = 0.0  # without `val`: hold out this share of the training pairs (the last ones)
-    template: str = "lmlab"  # lmlab | none | a directory / tokenizer_config.json with a chat_template
-    seq_len: int | None = None  # longest sequence; default the model's context
-    truncate: bool = False  # over-long pairs: refuse (false) or drop the start of the prompt (true)
-    padding_side: str = "right"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise LmlabError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)
@@ -97,7 +83,7 @@ class DPOConfig:
     sft_first: bool = False  # SFT on the chosen answers first (the paper's best practice)
     sft_train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, batch_size=8, lr=1e-3,
                                                                        log_every=10))
-    data: DPODataConfig = field(default_factory=DPODataConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     adapter: AdapterConfig = field(default_factory=_default_adapter)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, batch_size=8, lr=5e-4,
                                                                    weight_decay=0.0, log_every=10))
@@ -145,7 +131,7 @@ def clean_pairs(pairs: Sequence[PreferencePair], where: str) -> tuple[list[Prefe
     return kept, identical
 
 
-def split_pairs(data: DPODataConfig) -> tuple[list[PreferencePair], list[PreferencePair] | None, int]:
+def split_pairs(data: PreferenceDataConfig) -> tuple[list[PreferencePair], list[PreferencePair] | None, int]:
     prefs = read_preference_jsonl(data.train)
     pairs, identical = clean_pairs(prefs.pairs, data.train)
     identical += prefs.skipped_identical

@@ -29,6 +29,23 @@ PLAIN = "none"
 PADDING_SIDES = ("right", "left")
 
 
+
+@dataclass(frozen=True)
+class PreferenceDataConfig:
+    """The `data:` section of reward-model and DPO recipes."""
+    train: str = ""  # preference JSONL (in `lmlab run`: the world's preference pairs)
+    val: str | None = None  # held-out preference JSONL: validation loss and accuracy
+    val_fraction: float = 0.0  # without `val`: hold out this share of the training pairs (the last ones)
+    template: str = "lmlab"  # lmlab | none | a directory / tokenizer_config.json with a chat_template
+    seq_len: int | None = None  # longest sequence; default the model's context
+    truncate: bool = False  # over-long pairs: refuse (false) or drop the start of the prompt (true)
+    padding_side: str = "right"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise LmlabError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
 @dataclass(frozen=True)
 class PreferencePair:
     prompt: str | tuple[dict[str, str], ...]  # text, or the shared chat messages

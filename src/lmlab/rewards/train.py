@@ -19,7 +19,8 @@ from lmlab.adapters import AdapterConfig, apply_adapters, parameter_report, save
 from lmlab.adapters.report import ParameterReport
 from lmlab.config import from_mapping
 from lmlab.data.preference import (
-    PairEncoder, PreferenceCollator, PreferenceDataset, encode_pairs, pad_id_of, read_preference_jsonl,
+    PairEncoder, PreferenceCollator, PreferenceDataConfig, PreferenceDataset, encode_pairs, pad_id_of,
+    read_preference_jsonl,
 )
 from lmlab.errors import LmlabError
 from lmlab.io import iter_jsonl, write_json_atomic, write_jsonl_atomic
@@ -33,20 +34,6 @@ from lmlab.train.objectives.reward import BradleyTerry
 # head: a linear probe (only the score head trains), the shared start of WARM's members.
 METHODS = ("full", "lora", "dora", "head")
 HEAD = "score"  # the head's module name: trained in full under LoRA/DoRA too
-
-
-@dataclass(frozen=True)
-class PreferenceDataConfig:
-    val: str | None = None  # held-out preference JSONL: validation loss and accuracy
-    val_fraction: float = 0.0  # without `val`: hold out this share of the training pairs (the last ones)
-    template: str = "lmlab"  # lmlab | none | a directory / tokenizer_config.json with a chat_template
-    seq_len: int | None = None  # longest sequence; default the model's context
-    truncate: bool = False  # over-long pairs: refuse (false) or drop the start of the prompt (true)
-    padding_side: str = "right"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise LmlabError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)
