@@ -32,6 +32,7 @@ from lmlab.errors import LmlabError
 from lmlab.io import read_json, write_json_atomic, write_text_atomic
 from lmlab.stages.common import DataConfig
 from lmlab.stages.eval import EvalConfig
+from lmlab.stages.rejection import RejectionConfig
 from lmlab.stages.sample import SampleConfig
 from lmlab.stages.sft import FinetuneConfig
 from lmlab.stages.world import WorldConfig
@@ -48,6 +49,7 @@ STAGE_MODULES = {
     "world": "lmlab.stages.world",
     "sft": "lmlab.stages.sft",
     "eval": "lmlab.stages.eval",
+    "rejection": "lmlab.stages.rejection",
 }
 
 
@@ -72,10 +74,12 @@ class Recipe:
     world: WorldConfig = WorldConfig()
     sft: FinetuneConfig = field(default_factory=_default_sft)
     eval: EvalConfig = EvalConfig()
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
 
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig, "world": WorldConfig,
-            "sft": FinetuneConfig, "eval": EvalConfig}
+            "sft": FinetuneConfig, "eval": EvalConfig,
+            "rejection": RejectionConfig}
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
 
