@@ -156,6 +156,10 @@ class EvalSet:
 
     @classmethod
     def of(cls, records: list[dict]) -> "EvalSet":
+        # An empty answer (the hot sampler's edits can delete every symbol) cannot be
+        # rendered as an assistant turn, so a reward model cannot score it: such pairs are
+        # left out (1 of 1500 OOD pairs at seed 0).
+        records = [r for r in records if r["chosen"].strip() and r["rejected"].strip()]
         return cls([r["prompt"] for r in records], [r["chosen"] for r in records], [r["rejected"] for r in records])
 
     def margins(self, reward) -> np.ndarray:
@@ -274,7 +278,7 @@ def run_flip(seed: int, flip: float, out: Path, world_clean: Path, sft: Path, sf
 
 def run_seed(seed: int, out: Path, s: Settings, log) -> list[dict]:
     from lmlab.hub import load_model
-    from lmlab.rewards.best_of_n import gold_pool, sample_pool
+    from lmlab.rewards.best_of_n import SamplePool, gold_pool, sample_pool
     from lmlab.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
@@ -284,8 +288,15 @@ def run_seed(seed: int, out: Path, s: Settings, log) -> list[dict]:
     policy, tok = load_model(sft), Tokenizer.load(sft)
     pool = sample_pool(policy, tok, prompts[:s.bon_prompts], s.n_max, s.max_new_tokens,
                        temperature=s.temperature, seed=seed, batch_rows=2048)
+    # A reward model cannot score an empty answer (it ranks last in best-of-N, at -inf); the
+    # curves average over the prompts none of whose samples is empty, so every reward's
+    # expected score is finite.
+    full = [i for i, row in enumerate(pool.answers) if all(a.strip() for a in row)]
+    pool = SamplePool([pool.prompts[i] for i in full], [pool.answers[i] for i in full],
+                      [pool.finish_reasons[i] for i in full])
     gold = gold_pool(pool)
-    log(f"seed {seed}: {s.n_max} samples x {len(pool.prompts)} prompts, mean gold {gold.mean():.3f}")
+    log(f"seed {seed}: {s.n_max} samples x {len(pool.prompts)} prompts ({s.bon_prompts - len(full)} with an "
+        f"empty sample left out), mean gold {gold.mean():.3f}")
     return [run_flip(seed, flip, out / f"flip{flip:g}", world, sft, sft_other, pool, gold, s, log)
             for flip in s.flip_rates]
 
@@ -411,6 +422,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a toy configuration (for the test): seconds")
     parser.add_argument("--members", type=int, help="reward models per flip rate (default 10; 3 with --quick)")
     parser.add_argument("--n-max", type=int, help="samples per prompt for best-of-n (default 256)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
     if args.members:
@@ -419,7 +431,8 @@ def main(argv=None) -> int:
         s = replace(s, n_max=args.n_max)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # Tiny models gain nothing from a second thread, and on a shared machine its spin-waits cost a lot.
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     results = []
     for seed in args.seeds:

@@ -112,6 +112,9 @@ def test_expected_best_of_n_matches_subset_enumeration_with_ties():
         assert got[n] == pytest.approx(brute_force(proxy, values, n), abs=1e-12), n
     assert got[1] == pytest.approx(values.mean())
     assert selection_probs(7, 3).sum() == pytest.approx(1.0)
+    # An empty answer (-inf) adds nothing where it is never the maximum.
+    inf = np.array([[-np.inf, 1.0, 2.0]])
+    assert expected_best_of_n(inf, inf, [2, 3]) == {2: pytest.approx(5 / 3), 3: 2.0}
     assert powers_of_two(256)[-1] == 256 and powers_of_two(10) == [1, 2, 4, 8, 10]
 
 

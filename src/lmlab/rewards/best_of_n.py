@@ -184,7 +184,12 @@ def expected_best_of_n(proxy: np.ndarray, values: np.ndarray, ns: Sequence[int])
     # scores ranks highest (as argmax keeps the first).
     order = np.lexsort((-np.arange(n_max)[None, :].repeat(len(proxy), 0), proxy), axis=1)
     ranked = np.take_along_axis(values, order, 1)
-    return {int(n): float((ranked @ selection_probs(n_max, int(n))).mean()) for n in ns}
+    out = {}
+    for n in ns:
+        probs = selection_probs(n_max, int(n))
+        # A sample that is never the maximum adds nothing, even when its value is -inf.
+        out[int(n)] = float(np.where(probs > 0, ranked * probs, 0.0).sum(1).mean())
+    return out
 
 
 def powers_of_two(n_max: int) -> list[int]:
