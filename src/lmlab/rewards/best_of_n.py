@@ -188,7 +188,8 @@ def expected_best_of_n(proxy: np.ndarray, values: np.ndarray, ns: Sequence[int])
     for n in ns:
         probs = selection_probs(n_max, int(n))
         # A sample that is never the maximum adds nothing, even when its value is -inf.
-        out[int(n)] = float(np.where(probs > 0, ranked * probs, 0.0).sum(1).mean())
+        used = probs > 0
+        out[int(n)] = float((ranked[:, used] * probs[used]).sum(1).mean())
     return out
 
 
