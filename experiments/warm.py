@@ -41,7 +41,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,13 +53,13 @@ from lmlab.worlds.labeller import LabellerConfig
 
 @dataclass(frozen=True)
 class Settings:
-    world_n: int = 600  # SFT conversations; also sets the preference prompts (540 train, 60 test, 150 OOD)
+    world_n: int = 1200  # SFT conversations; also sets the preference pairs (2160 train, 240 ID test, 600 OOD)
     vocab: int = 384
     model: str = "{preset: nano, n_layers: 2, d_model: 64, n_heads: 4, n_kv_heads: 2, ffn_hidden: 172, max_seq_len: 64}"
     pretrain_steps: int = 250
     sft_steps: int = 80
     probe_steps: int = 60
-    rm_steps: int = 150
+    rm_steps: int = 250  # about 2 epochs of the training pairs
     rm_batch: int = 16
     members: int = 10
     ms: tuple[int, ...] = (2, 6, 10)
@@ -136,7 +136,8 @@ def train_rm(base: Path, prefs: Path, out: Path, method: str, steps: int, lr: fl
     train = TrainConfig(steps=steps, batch_size=s.rm_batch, lr=lr, warmup_steps=min(10, steps // 5),
                         weight_decay=0.0, precision="float32", progress=False, log_every=1000, seed=seed)
     cfg = RewardConfig(method=method, train=train, eval_batch_size=256)
-    return train_reward_model(base, prefs, out, cfg, log=quiet).model_dir
+    # An interrupted earlier run continues from its last checkpoint.
+    return train_reward_model(base, prefs, out, cfg, resume=out.exists(), log=quiet).model_dir
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,6 +278,20 @@ def run_flip(seed: int, flip: float, out: Path, world_clean: Path, sft: Path, sf
 
 
 def run_seed(seed: int, out: Path, s: Settings, log) -> list[dict]:
+    """One seed's results, cached in its directory (`seed_results.json`, reused only with
+    the same settings), so seeds can run in separate processes and be reported together."""
+    cache = out / "seed_results.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        if saved["settings"] == json.loads(json.dumps(asdict(s))):
+            log(f"seed {seed}: results reused from {cache}")
+            return saved["results"]
+    results = compute_seed(seed, out, s, log)
+    write_json_atomic(cache, {"settings": asdict(s), "results": results})
+    return results
+
+
+def compute_seed(seed: int, out: Path, s: Settings, log) -> list[dict]:
     from lmlab.hub import load_model
     from lmlab.rewards.best_of_n import SamplePool, gold_pool, sample_pool
     from lmlab.tokenizer import Tokenizer
