@@ -159,7 +159,7 @@ class EvalSet:
     def of(cls, records: list[dict]) -> "EvalSet":
         # An empty answer (the hot sampler's edits can delete every symbol) cannot be
         # rendered as an assistant turn, so a reward model cannot score it: such pairs are
-        # left out (1 of 1500 OOD pairs at seed 0).
+        # left out (none at the default settings).
         records = [r for r in records if r["chosen"].strip() and r["rejected"].strip()]
         return cls([r["prompt"] for r in records], [r["chosen"] for r in records], [r["rejected"] for r in records])
 
