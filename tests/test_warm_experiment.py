@@ -77,3 +77,27 @@ def test_warm_experiment_quick_runs_end_to_end(tmp_path):
     assert "| warm3 | 1 |" in md and "| **warm3** | mean |" in md
     for png in ("best_of_n.png", "lmc.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_warm_experiment_smallest_configuration(tmp_path):
+    """Default tier (a few seconds): two members, best-of-4, one seed, end to end."""
+    exp = load()
+    assert exp.main(["--quick", "--out", str(tmp_path), "--seeds", "0", "--members", "2", "--n-max", "4"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["flip_rate"] for r in results] == [0.0, 0.25]
+    for r in results:
+        assert set(r["accuracy"]) == {"member0", "member1", "single_best", "single_mean", "ens2", "warm2"}
+        assert [p["n"] for p in r["best_of_n"]["warm2"]] == [1, 2, 4]
+    # ENS-2's accuracies (averaged member margins) equal those of lmlab's EnsembleReward
+    # over the two saved members, scored afresh.
+    from lmlab.rewards import EnsembleReward, ModelReward
+
+    flip = tmp_path / "seed0" / "flip0.25"
+    ens = EnsembleReward([ModelReward.from_dir(flip / f"m{i}" / "model") for i in range(2)])
+    sets = exp.eval_sets(tmp_path / "seed0" / "world-flip0.25", tmp_path / "seed0" / "base" / "world")
+    for key in ("train_noisy", "id", "ood"):
+        assert results[1]["accuracy"]["ens2"][key] == pytest.approx(exp.accuracy(sets[key].margins(ens)), abs=1e-9)
+    # The cached seed is reused: a second call with the same settings recomputes nothing.
+    stamp = (tmp_path / "seed0" / "seed_results.json").stat().st_mtime_ns
+    assert exp.main(["--quick", "--out", str(tmp_path), "--seeds", "0", "--members", "2", "--n-max", "4"]) == 0
+    assert (tmp_path / "seed0" / "seed_results.json").stat().st_mtime_ns == stamp
