@@ -25,7 +25,7 @@ from lmlab.hub import load_model
 from lmlab.pipeline import load_recipe, run_pipeline
 from lmlab.tokenizer import Tokenizer
 from lmlab.train.config import apply_overrides
-from lmlab.stages.sft import FinetuneConfig, compare_methods
+from lmlab.train.finetune import FinetuneConfig, compare_methods
 from lmlab.worlds.export import export_world
 
 RECIPE = Path(__file__).resolve().parents[1] / "src" / "lmlab" / "recipes" / "finetune-sort.yaml"

@@ -13,7 +13,7 @@ from lmlab.errors import LmlabError
 from lmlab.model.transformer import build_model
 
 from lmlab.adapters import load_adapter
-from lmlab.stages.sft import FinetuneConfig, finetune
+from lmlab.train.finetune import FinetuneConfig, finetune
 
 from chartok import CharTokenizer
 
@@ -131,7 +131,7 @@ def test_cli_finetune_from_recipe(tmp_path):
 
 
 def test_compare_methods_tabulates_each_method(tmp_path):
-    from lmlab.stages.sft import compare_methods
+    from lmlab.train.finetune import compare_methods
     from dataclasses import replace
 
     base = build_model(CFG)
@@ -150,7 +150,7 @@ def test_compare_methods_tabulates_each_method(tmp_path):
 
 
 def test_val_fraction_holds_out_the_last_records(tmp_path):
-    from lmlab.stages.sft import ChatDataConfig, split_conversations
+    from lmlab.train.finetune import ChatDataConfig, split_conversations
 
     write_task(tmp_path / "train.jsonl", 20, 0)
     train_convs, val_convs = split_conversations(ChatDataConfig(train=str(tmp_path / "train.jsonl"), val_fraction=0.25))

@@ -28,19 +28,16 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from lmlab.config import from_mapping, load_yaml
-from lmlab.align.dpo import DPOConfig
 from lmlab.errors import LmlabError
 from lmlab.io import read_json, write_json_atomic, write_text_atomic
 from lmlab.stages.common import DataConfig
-from lmlab.stages.eval import EvalConfig
-from lmlab.stages.sample import SampleConfig
-from lmlab.stages.sft import FinetuneConfig
-from lmlab.stages.world import WorldConfig
 from lmlab.train.config import TrainConfig, apply_overrides
 
 MARKER = "stage.json"
 RUN_FILE = "run.json"
-# Stage name -> the module that implements it (each has NEEDS, SECTIONS and run(ctx)).
+# Stage name -> the module that implements it: NEEDS, SECTIONS (the recipe sections it
+# reads, hashed into its marker), run(ctx), and optionally CONFIG = (section, dataclass[,
+# default factory]) for a recipe section of its own. Adding a stage is one line here.
 STAGE_MODULES = {
     "tokenizer": "lmlab.stages.tokenizer",
     "shards": "lmlab.stages.shards",
@@ -50,35 +47,41 @@ STAGE_MODULES = {
     "sft": "lmlab.stages.sft",
     "eval": "lmlab.stages.eval",
     "dpo": "lmlab.stages.dpo",
+    "rejection": "lmlab.stages.rejection",
 }
 
 
-def _default_sft() -> FinetuneConfig:
-    from lmlab.adapters.inject import AdapterConfig
-
-    return FinetuneConfig(
-        method="lora",
-        # The chat role tokens never occur in the pretraining corpus: their rows must train.
-        adapter=AdapterConfig(r=8, alpha=16.0, trainable=("embed", "lm_head")),
-        train=TrainConfig(steps=200, batch_size=8, lr=1e-2, warmup_steps=10, log_every=10))
+def stage_module(name: str):
+    if name not in STAGE_MODULES:
+        raise LmlabError(f"unknown pipeline stage {name!r}; known: {', '.join(STAGE_MODULES)}")
+    return importlib.import_module(STAGE_MODULES[name])
 
 
-@dataclass(frozen=True)
-class Recipe:
-    name: str = "run"
-    stages: tuple[str, ...] = ("tokenizer", "shards", "pretrain", "sample")
-    data: DataConfig = DataConfig()
-    model: Any = "micro"  # preset name or mapping; resolved once the vocabulary is known
-    train: TrainConfig = TrainConfig()
-    sample: SampleConfig = SampleConfig()
-    world: WorldConfig = WorldConfig()
-    sft: FinetuneConfig = field(default_factory=_default_sft)
-    eval: EvalConfig = EvalConfig()
-    dpo: DPOConfig = DPOConfig()
+def _stage_sections() -> dict[str, tuple[type, Callable[[], Any]]]:
+    """Recipe section -> (dataclass, default factory), from the stages' CONFIG."""
+    out = {}
+    for name in STAGE_MODULES:
+        config = getattr(stage_module(name), "CONFIG", None)
+        if config is not None:
+            section, cls, *factory = config
+            out[section] = (cls, factory[0] if factory else cls)
+    return out
 
 
-SECTIONS = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig, "world": WorldConfig,
-            "sft": FinetuneConfig, "eval": EvalConfig, "dpo": DPOConfig}
+# Sections shared by several stages (data: tokenizer and shards; model and train: pretrain,
+# and sample/eval read train's precision), then one per stage that owns a config.
+_SHARED = [("name", str, field(default="run")),
+           ("stages", tuple[str, ...], field(default=("tokenizer", "shards", "pretrain", "sample"))),
+           ("data", DataConfig, field(default_factory=DataConfig)),
+           # a preset name or mapping; resolved once the vocabulary is known
+           ("model", Any, field(default="micro")),
+           ("train", TrainConfig, field(default_factory=TrainConfig))]
+Recipe = dataclasses.make_dataclass(
+    "Recipe", _SHARED + [(s, cls, field(default_factory=f)) for s, (cls, f) in _stage_sections().items()],
+    frozen=True)
+Recipe.__module__ = __name__
+Recipe.__doc__ = "A run's settings: shared sections plus one section per configurable stage."
+SECTIONS = {"data": DataConfig, "train": TrainConfig, **{s: cls for s, (cls, _) in _stage_sections().items()}}
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
 
@@ -117,12 +120,6 @@ class StageContext:
 
     def input(self, stage: str) -> Path:
         return self.run_dir / stage
-
-
-def stage_module(name: str):
-    if name not in STAGE_MODULES:
-        raise LmlabError(f"unknown pipeline stage {name!r}; known: {', '.join(STAGE_MODULES)}")
-    return importlib.import_module(STAGE_MODULES[name])
 
 
 def _jsonable(value: Any) -> Any:

@@ -175,10 +175,10 @@ def _batches(dataset, size: int, collate) -> list[dict[str, torch.Tensor]]:
 
 def sft_on_chosen(policy: nn.Module, tokenizer, pairs: Sequence[PreferencePair], cfg: DPOConfig, out_dir: Path,
                   base_dir: str | Path | None, resume: bool, log: Callable[[str], None]) -> nn.Module:
-    """SFT-then-DPO's first half, through `lmlab.stages.sft.finetune`: a completed run in
+    """SFT-then-DPO's first half, through `lmlab.train.finetune.finetune`: a completed run in
     `out_dir` (its report is written last) is reused."""
     from lmlab.hub import load_model
-    from lmlab.stages.sft import ChatDataConfig, FinetuneConfig, finetune
+    from lmlab.train.finetune import ChatDataConfig, FinetuneConfig, finetune
 
     if (out_dir / "finetune_report.json").is_file() and resume:
         log(f"sft_first: complete in {out_dir}, reusing {out_dir / 'model'}")
@@ -206,7 +206,7 @@ def dpo_on_pairs(policy: nn.Module, tokenizer, train_pairs: Sequence[PreferenceP
     replaces the configured one (a model over the same vocabulary, kept frozen)."""
     from lmlab.checkpoint import save_model
     from lmlab.precision import resolve
-    from lmlab.stages.sft import prepare_model
+    from lmlab.train.finetune import prepare_model
 
     out_dir = Path(out_dir)
     train_pairs, more_identical = clean_pairs(train_pairs, "the training pairs")

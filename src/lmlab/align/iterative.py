@@ -72,7 +72,7 @@ class Sampler:
     """Prompt encoding and batched sampling with the policy's template."""
 
     def __init__(self, tokenizer, template: str) -> None:
-        from lmlab.stages.sft import make_template
+        from lmlab.train.finetune import make_template
 
         self.tokenizer = tokenizer
         if template == PLAIN:

@@ -28,7 +28,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from lmlab.stages.sft import finetune_recipe
+    from lmlab.train.finetune import finetune_recipe
 
     compare = _stage_list(args.compare)
     result = finetune_recipe(args.config, args.method, args.set, args.resume, compare)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from lmlab.align.dpo import DPOConfig
+
 NEEDS = ("sft", "world")
 SECTIONS = ("dpo",)
+CONFIG = ("dpo", DPOConfig)
 
 
 def run(ctx) -> None:

@@ -16,6 +16,9 @@ class EvalConfig:
     max_new_tokens: int = 32
 
 
+CONFIG = ("eval", EvalConfig)
+
+
 def run(ctx) -> None:
     import json
 

@@ -18,6 +18,9 @@ class SampleConfig:
     seed: int = 0
 
 
+CONFIG = ("sample", SampleConfig)
+
+
 def run(ctx) -> None:
     import torch
 

@@ -15,6 +15,9 @@ class WorldConfig:
     n: int = 1000  # SFT conversations exported (SortWorld); keys (FactWorld)
 
 
+CONFIG = ("world", WorldConfig)
+
+
 def run(ctx) -> None:
     from lmlab.worlds.export import export_world
 
