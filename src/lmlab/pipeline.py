@@ -50,6 +50,7 @@ STAGE_MODULES = {
     "sft": "lmlab.stages.sft",
     "eval": "lmlab.stages.eval",
     "dpo": "lmlab.stages.dpo",
+    "report": "lmlab.stages.report",
 }
 
 
