@@ -35,8 +35,7 @@ def marker(run: Path, stage: str, seconds: float) -> None:
                                             "finished": "2025-01-01T00:00:00"})
 
 
-@pytest.fixture
-def fake_run(tmp_path):
+def make_fake_run(tmp_path: Path) -> Path:
     """A run directory shaped like lmlab.pipeline's: run.json, recipe.yaml, markers,
     pretrain/sft metrics, samples with HTML in them, eval, dpo, a reward model, ppo, a
     rejection stage; `rejection` has no marker (killed)."""
@@ -82,6 +81,11 @@ def fake_run(tmp_path):
     return run
 
 
+@pytest.fixture
+def fake_run(tmp_path):
+    return make_fake_run(tmp_path)
+
+
 def body_text(page: str) -> str:
     """The page with its inline images removed (their base64 could hold anything)."""
     return re.sub(r'src="data:image/png;base64,[A-Za-z0-9+/=]+"', 'src=""', page)
@@ -120,6 +124,7 @@ def test_fake_run_report(fake_run):
     assert "stage-export" not in found  # listed but never started: a row in the table, no section
     assert {"overview", "losses", "rewards", "gold-kl", "policies", "samples"} <= found
     assert "proxy" not in found and "results" not in found
+    assert "<h3>tokenizer.json</h3>" not in page  # a tokenizer's file, not a summary
     footer = page[page.index("<footer>"):]
     assert "Proxy-tuning" in footer and "Experiment results" in footer
     assert "1 malformed line(s) skipped" in footer  # the torn metrics line

@@ -14,6 +14,10 @@ RUN_FILE = "run.json"
 METRICS = "metrics.jsonl"
 # Larger JSON files are left out (a report must stay quick to build and small to open).
 MAX_JSON_BYTES = 20_000_000
+# JSON files that are models' and tokenizers' own configuration, never run summaries.
+NOT_SUMMARIES = {MARKER, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
+                 "generation_config.json", "vocab.json", "added_tokens.json"}
+MAX_SUMMARY_BYTES = 1_000_000  # a stage's larger JSON files are linked, not tabulated
 # Directories of a stage that hold weights or checkpoints, never summaries to tabulate.
 HEAVY_DIRS = {"model", "checkpoints", "adapter", "value", "hf", "gguf"}
 # The order stages are shown in when run.json does not give one.
@@ -97,7 +101,7 @@ class Run:
         """The stage's own *.json files (its reports), by file name; the marker excluded."""
         out = {}
         for path in sorted(stage.path.glob("*.json")):
-            if path.name != MARKER:
+            if path.name not in NOT_SUMMARIES and path.stat().st_size <= MAX_SUMMARY_BYTES:
                 value = self.json(path)
                 if value is not None:
                     out[path.name] = value

@@ -51,7 +51,7 @@ def build_report(run_dir: str | Path) -> Path:
         footer.append("<p>Left out, their artifacts are absent from this directory: "
                       f"{esc(', '.join(absent))}.</p>")
     if run.notes:
-        footer.append("<p>Not read:</p><ul>" + "".join(f"<li>{esc(n)}</li>" for n in run.notes) + "</ul>")
+        footer.append("<p>While reading the files:</p><ul>" + "".join(f"<li>{esc(n)}</li>" for n in run.notes) + "</ul>")
     from lmlab import __version__
 
     footer.append(f"<p>lmlab {esc(__version__)} · a self-contained page: no scripts, no network; artifact links "

@@ -273,10 +273,10 @@ def policies(run: Run) -> Section | None:
     ordered = sorted(rows, key=lambda n: (order.get(n.split(" ")[0], len(order)), n))
     body = table(("policy", *columns), [(n, *(rows[n].get(c) for c in columns)) for n in ordered],
                  caption="greedy answers to held-out prompts, scored by the world's gold reward")
-    gold = {n: {"gold (dense)": rows[n]["gold (dense)"]} for n in ordered if is_number(rows[n].get("gold (dense)"))}
+    gold = {n: rows[n]["gold (dense)"] for n in ordered if is_number(rows[n].get("gold (dense)"))}
     if len(gold) >= 2:
-        body += image(figures.grouped_bars(gold, ["gold (dense)"], "gold reward of each policy", "gold reward"),
-                      "gold reward per policy")
+        body += image(figures.grouped_bars({"gold (dense)": gold}, list(gold), "gold reward of each policy",
+                                           "gold reward"), "gold reward per policy")
     has = [m for m in ("ppo", "dpo") if m in aligned]
     lead = ("PPO (online, against a reward) and DPO (offline, on preference pairs) from the same SFT policy."
             if len(has) == 2 else f"Only {', '.join(sorted(set(aligned)))} ran: the comparison needs both a ppo and "

@@ -7,8 +7,8 @@ from typing import Sequence
 
 from lmlab.train.plot import draw_losses, figure, finish, save_png
 
-DPI = 100
-WIDTH = 7.0  # inches: 700 px, shown at the column's width (narrower on a phone)
+DPI = 130
+WIDTH = 7.0  # inches: 910 px, about the page column's width (scaled down on a phone)
 
 
 def _png(fig) -> bytes:

@@ -54,8 +54,9 @@ def table(headers: Sequence[Any], rows: Iterable[Sequence[Any]], caption: str | 
 
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
-    cap = f"<caption>{esc(caption)}</caption>" if caption else ""
-    return f'<div class="scroll"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    # The caption sits above the table, not inside it: a caption is only as wide as its table.
+    cap = f'<p class="caption">{esc(caption)}</p>' if caption else ""
+    return f'{cap}<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def image(png: bytes, alt: str) -> str:
@@ -157,7 +158,7 @@ figure { margin: 0.8rem 0; }
 img { display: block; max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
 .scroll { overflow-x: auto; -webkit-overflow-scrolling: touch; margin: 0.6rem 0; max-width: 100%; }
 table { border-collapse: collapse; font-size: 0.9rem; font-variant-numeric: tabular-nums; }
-caption { text-align: left; color: var(--muted); padding: 0.2rem 0; }
+p.caption { color: var(--muted); font-size: 0.9rem; margin: 0.8rem 0 -0.3rem; }
 th, td { border: 1px solid var(--line); padding: 0.3rem 0.55rem; text-align: left; vertical-align: top;
          white-space: nowrap; }
 td.text { white-space: pre-wrap; min-width: 14rem; max-width: 32rem; overflow-wrap: anywhere; }
