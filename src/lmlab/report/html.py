@@ -29,6 +29,9 @@ def fmt(value: Any, digits: int = 4) -> str:
         if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
             return f"{value:.{digits - 1}e}"
         return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:,.0f}"
+    if isinstance(value, str) and not value.strip():
+        # A generated answer of nothing but spaces must not look like a missing cell.
+        return "(empty)" if not value else f"({len(value)} whitespace characters)"
     return str(value)
 
 

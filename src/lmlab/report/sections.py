@@ -21,7 +21,7 @@ MAX_LINKS = 60
 # Keys plotted first when a stage logs more than fit.
 PRIORITY = ("loss", "val_loss", "reward", "gold", "kl", "kl_ref", "accuracy", "val_accuracy", "margin",
             "val_margin", "lr", "grad_norm", "tokens_per_s", "entropy", "clip_frac", "value_loss", "length")
-NOT_PLOTTED = {"step", "tokens", "epoch"}
+NOT_PLOTTED = {"step", "tokens", "epoch", "elapsed_s"}
 
 
 @dataclass
@@ -50,7 +50,8 @@ def overview(run: Run) -> Section | None:
             rows.append((name, "not started", None, None, None))
             continue
         m = stage.marker
-        status = "complete" if m is not None else "incomplete (no stage.json: running, failed or killed)"
+        status = ("complete" if m is not None else "writing this page" if name == "report"
+                  else "incomplete (no stage.json: running, failed or killed)")
         secs = _seconds(m)
         rows.append((name, status, secs, (m or {}).get("finished"), (m or {}).get("hash")))
         if secs is not None:

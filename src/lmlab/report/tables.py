@@ -68,6 +68,9 @@ def records_table(records: list[dict], caption: str | None = None) -> str:
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
+    # What was asked before what came back (summaries are often written with sorted keys).
+    lead = [k for k in ("name", "method", "seed", "prompt") if k in columns]
+    columns = lead + [k for k in columns if k not in lead]
     extra = ""
     if len(columns) > MAX_COLUMNS:
         extra = note(f"{len(columns) - MAX_COLUMNS} more column(s) not shown: "
