@@ -57,7 +57,7 @@ def metric_panels(records: list[dict], keys: Sequence[str]) -> bytes:
 
 
 def timing_bars(rows: Sequence[tuple[str, float]]) -> bytes:
-    fig, ax = figure(size=(WIDTH, 0.35 * len(rows) + 1.2), dpi=DPI)
+    fig, ax = figure(size=(WIDTH, 0.24 * len(rows) + 0.9), dpi=DPI)
     names = [n for n, _ in rows][::-1]
     secs = [s for _, s in rows][::-1]
     bars = ax.barh(names, secs, color="C0")
