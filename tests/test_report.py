@@ -77,7 +77,7 @@ def make_fake_run(tmp_path: Path) -> Path:
                                                  "val": {"accuracy": 0.8, "margin": 0.4}})
     write_json(run / "eval" / "world_eval.json", {
         "method": "lora", "steps": 5, "gold_reward_dense": 0.5, "gold_reward_sparse": 0.1,
-        "examples": [{"prompt": "sort: 3 1 2", "answer": EVIL}]})
+        "examples": [{"prompt": "sort: 3 1 2", "answer": EVIL}, {"prompt": "sort: 2 1", "answer": "   "}]})
     return run
 
 
@@ -136,6 +136,7 @@ def test_fake_run_report(fake_run):
     rejection = page[page.index('<section id="stage-rejection"'):]
     assert "incomplete" in rejection[:400]
     assert "asked for float32" in page and "not started" in page
+    assert "(3 whitespace characters)" in page  # an answer of spaces is not an empty cell
     # Numbers from the summaries: PPO vs DPO, reward accuracy, gold vs KL.
     policies = page[page.index('<section id="policies"'):page.index('<section id="samples"')]
     assert "sft (before ppo)" in policies
@@ -209,7 +210,7 @@ def test_experiment_directory(tmp_path):
     assert {"rewards", "gold-kl", "proxy", "losses", "results"} <= sections_of(page)
     rewards = page[page.index('<section id="rewards"'):]
     assert "mean over seeds 0, 1" in rewards and "<td>0.8</td>" in rewards and "<td>0.6</td>" in rewards
-    assert "<strong>Gap closed: 0.75</strong>" in page
+    assert "<strong>Gap closed: 75%</strong>" in page
     assert "seed0/large-base" in page and 'href="seed0/main/"' in page
     assert "<th><strong>1</strong></th>" not in page and "<td><strong>1</strong></td>" in page
     assert html.escape(EVIL) in page and "<script" not in page

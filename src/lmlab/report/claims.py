@@ -296,6 +296,7 @@ def proxy_tuning(run: Run) -> Section | None:
     scalars = []
     for _, node in found:
         scalars += [k for k, v in node.items() if is_number(v) and k not in scalars and k != "gap_closed"]
+    scalars.sort(key=lambda k: k != "seed")
     columns = ["where", *scalars, "gap closed"]
     rows = [(w, *(n.get(k) for k in scalars), n.get("gap_closed")) for w, n in found]
     body = para("Proxy-tuning steers a large base at decoding time by the difference between a small tuned "
@@ -303,7 +304,8 @@ def proxy_tuning(run: Run) -> Section | None:
                 "closed is (proxy − large base) / (large tuned − large base), at α = 1.")
     gaps = [n["gap_closed"] for _, n in found if is_number(n.get("gap_closed"))]
     if gaps:
-        body += f"<p><strong>Gap closed: {esc(fmt(fmean(gaps)))}</strong> (mean of {len(gaps)})</p>"
+        body += (f"<p><strong>Gap closed: {fmean(gaps):.0%}</strong> (mean of {len(gaps)}: "
+                 f"{esc(', '.join(f'{g:.0%}' for g in gaps))})</p>")
     else:
         body += note("The gap is undefined here: the tuned large model is no better than its base.")
     body += table(columns, rows)

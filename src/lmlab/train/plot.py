@@ -37,7 +37,9 @@ def draw_losses(ax, label: str, records: list[dict]) -> None:
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     color = None
     if train:
-        line, = ax.plot(*zip(*train), label=f"{label} train", linewidth=1.2)
+        # Markers where there are few points: a single logged step is otherwise invisible.
+        line, = ax.plot(*zip(*train), label=f"{label} train", linewidth=1.2,
+                        marker="o" if len(train) < 12 else None, markersize=3)
         color = line.get_color()
     if val:
         ax.plot(*zip(*val), "o--", color=color, label=f"{label} val", markersize=4)
