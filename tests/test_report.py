@@ -128,6 +128,7 @@ def test_fake_run_report(fake_run):
     footer = page[page.index("<footer>"):]
     assert "Proxy-tuning" in footer and "Experiment results" in footer
     assert "1 malformed line(s) skipped" in footer  # the torn metrics line
+    assert "could not be built" not in footer
     # Untrusted text: never markup, always its escaped form.
     assert "<script" not in page and "<img src=x" not in page
     assert html.escape(EVIL) in page
@@ -207,6 +208,7 @@ def test_experiment_directory(tmp_path):
     write_json(out / "seed0" / "main" / "run.json", {"name": "main", "stages": []})
     page = build_report(out).read_text(encoding="utf-8")
     check_self_contained(page)
+    assert "could not be built" not in page
     assert {"rewards", "gold-kl", "proxy", "losses", "results"} <= sections_of(page)
     rewards = page[page.index('<section id="rewards"'):]
     assert "mean over seeds 0, 1" in rewards and "<td>0.8</td>" in rewards and "<td>0.6</td>" in rewards
@@ -233,6 +235,7 @@ def test_real_tiny_run(tmp_path):
     run_pipeline(recipe, tmp_path / "run", raw=raw, echo=lambda *_: None)
     page = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
     check_self_contained(page)
+    assert "could not be built" not in page
     assert {"overview", "losses", "samples", *(f"stage-{s}" for s in
                                                ("tokenizer", "shards", "pretrain", "sample", "world", "sft", "eval"))
             } <= sections_of(page)
@@ -267,3 +270,17 @@ def test_chromium_screenshot(fake_run, tmp_path):
         img = Image.open(shot).convert("L")
         assert img.size == (width, height)
         assert ImageStat.Stat(img).var[0] > 200  # text, tables and plots, not a blank page
+
+
+def test_unexpected_shapes_cost_a_section_not_the_page(fake_run):
+    """Summaries of shapes the builders do not expect (a list where a mapping was, strings
+    for numbers, a marker that is not JSON) still give a page."""
+    write_json(fake_run / "ppo" / "rl_report.json", {"method": "ppo", "after": {"gold_dense": "high"},
+                                                     "before": [1, 2], "reward": "warm"})
+    write_json(fake_run / "reward" / "reward_report.json", ["not", "a", "mapping"])
+    (fake_run / "dpo" / "stage.json").write_text("{torn", encoding="utf-8")
+    write_metrics(fake_run / "sft" / "metrics.jsonl", [{"step": "one", "loss": 1.0}, [1, 2], {"step": 1, "loss": None}])
+    page = build_report(fake_run).read_text(encoding="utf-8")
+    assert {"overview", "stage-dpo", "stage-ppo", "stage-sft"} <= sections_of(page)
+    assert "dpo/stage.json: torn or unreadable" in page
+    assert "could not be built" not in page

@@ -26,6 +26,17 @@ SECTIONS = (
 NOT_A_SECTION = {"report"}
 
 
+def _guarded(run, title: str, builder, *args):
+    """One section; an artifact of a shape no builder expected costs that section (named in
+    the footer), never the page: the report is most wanted when a run went wrong."""
+    try:
+        return builder(*args)
+    except Exception as e:  # noqa: BLE001 - any failure of one section is reported, not raised
+        run.notes.append(f"section {title!r} could not be built ({type(e).__name__}: {e}); "
+                         "please report it with the file that caused it")
+        return None
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write `run_dir/report.html`: one self-contained page (inline CSS and PNG
     plots, relative links, no scripts) of everything the run directory holds. Sections whose
@@ -37,9 +48,13 @@ def build_report(run_dir: str | Path) -> Path:
     run = read_run(root)
     built, absent = [], []
     for title, builder in SECTIONS:
-        made = builder(run)
+        made = _guarded(run, title, builder, run)
         (built if made is not None else absent).append(made or title)
-    built += [sections.stage_section(run, s) for s in run.stages if s.name not in NOT_A_SECTION]
+    for stage in run.stages:
+        if stage.name not in NOT_A_SECTION:
+            made = _guarded(run, f"Stage: {stage.name}", sections.stage_section, run, stage)
+            if made is not None:
+                built.append(made)
     if not built:
         raise LmlabError(f"{root} holds no run artifacts (no run.json, stage directories, metrics or results "
                          "files): give the directory `lmlab run` or an experiment wrote")
