@@ -48,6 +48,7 @@ STAGE_MODULES = {
     "eval": "lmlab.stages.eval",
     "dpo": "lmlab.stages.dpo",
     "rejection": "lmlab.stages.rejection",
+    "report": "lmlab.stages.report",
 }
 
 
