@@ -509,7 +509,8 @@ def test_cli_align_dpo_and_empty_answer_error(sort_run, tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     from lmlab.align.dpo import dpo_recipe
 
-    with pytest.raises(LmlabError, match=r"bad.jsonl:1: the rejected answer is empty"):
+    with pytest.raises(LmlabError, match=r"bad.jsonl: no pair to learn from: 0 have chosen equal to rejected and 1 an "
+                                         "empty answer"):
         dpo_recipe(tmp_path / "r.yaml")
     bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "a"}) + "\n")
     with pytest.raises(LmlabError, match="chosen equals rejected in all 1 pairs"):

@@ -237,7 +237,9 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
     for k, name in enumerate(chosen, 1):
         done = stage_done(run_dir, name)
         rerun_named = forced and (not only or name in only)
-        if done is not None and done.get("hash") == hashes[name] and not rerun_named:
+        # A stage that summarises the others (the report) is cheap and never up to date.
+        always = getattr(stage_module(name), "ALWAYS_RUN", False)
+        if done is not None and done.get("hash") == hashes[name] and not rerun_named and not always:
             echo(f"== [{k}/{len(chosen)}] {name}: complete, settings unchanged (skipped)")
             result.skipped.append(name)
             continue

@@ -113,22 +113,21 @@ class DPOResult:
 
 
 def clean_pairs(pairs: Sequence[PreferencePair], where: str) -> tuple[list[PreferencePair], int]:
-    """Pairs with an answer on both sides, those whose chosen equals rejected left out
-    (counted); an empty answer, or nothing left, is an error."""
-    kept, identical = [], 0
+    """Pairs with an answer on both sides and a preference to learn. Pairs whose chosen
+    equals rejected, or with an empty answer (a world's degenerate samples), are left out
+    and counted; nothing left is an error naming why."""
+    kept, identical, empty = [], 0, 0
     for p in pairs:
-        for side in ("chosen", "rejected"):
-            if not getattr(p, side).strip():
-                raise LmlabError(f"{p.source}: the {side} answer is empty; DPO compares two answers, drop the pair "
-                                 "or give it text")
-        if p.chosen == p.rejected:
+        if not p.chosen.strip() or not p.rejected.strip():
+            empty += 1
+        elif p.chosen == p.rejected:
             identical += 1
         else:
             kept.append(p)
     if not kept:
-        raise LmlabError(f"{where}: chosen equals rejected in all {identical} pairs, so there is no preference to "
-                         "learn; check how the pairs were built")
-    return kept, identical
+        raise LmlabError(f"{where}: no pair to learn from: {identical} have chosen equal to rejected and {empty} an "
+                         "empty answer; DPO compares two different answers, check how the pairs were built")
+    return kept, identical + empty
 
 
 def split_pairs(data: PreferenceDataConfig) -> tuple[list[PreferencePair], list[PreferencePair] | None, int]:

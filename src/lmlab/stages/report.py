@@ -5,6 +5,7 @@ from __future__ import annotations
 
 NEEDS: tuple[str, ...] = ()
 SECTIONS: tuple[str, ...] = ()
+ALWAYS_RUN = True  # it reads every stage's outputs: rebuilt on every run, --resume included
 
 
 def run(ctx) -> None:
