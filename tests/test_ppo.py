@@ -171,3 +171,85 @@ def test_bad_input_gives_one_clear_error():
         PPO(policy, PPOConfig(kl_estimator="k4"))
     with pytest.raises(LmlabError, match="temperature"):
         RolloutConfig(temperature=0)
+
+
+# ---- the stage / command: files on disk in, files on disk out ------------------------------
+
+def _base(tmp_path):
+    """A tiny SFT-shaped policy with a BPE tokenizer, a SortWorld export, a reward model."""
+    import json as _json
+
+    from lmlab.checkpoint import save_model
+    from lmlab.model.heads import RewardModel
+    from lmlab.model.transformer import build_model
+    from lmlab.rewards import save_reward_model
+    from lmlab.tokenizer import train_tokenizer
+    from lmlab.worlds.export import export_world
+
+    export_world("sort", tmp_path / "world", seed=0, n=20)
+    texts = [_json.loads(line)["text"] for line in (tmp_path / "world" / "corpus.jsonl").read_text().splitlines()]
+    tok = train_tokenizer(texts, vocab_size=300, min_frequency=1)
+    cfg = tiny_config(vocab_size=tok.vocab_size, max_seq_len=64)
+    torch.manual_seed(0)
+    save_model(build_model(cfg), tmp_path / "sft", tokenizer=tok)
+    rm = RewardModel(cfg)
+    torch.nn.init.normal_(rm.score.weight, 0.0, 1.0)
+    save_reward_model(rm, tmp_path / "rm", tokenizer=tok)
+    return tmp_path
+
+
+@pytest.mark.parametrize("method,reward", [("ppo", {"kind": "gold", "gold": "sparse"}),
+                                           ("grpo", {"kind": "model"}), ("rloo", {"kind": "ensemble"})])
+def test_align_recipe_end_to_end(tmp_path, method, reward):
+    import json as _json
+
+    import yaml
+
+    from lmlab.cli import main
+    from lmlab.stages.online_rl import align_recipe
+
+    root = _base(tmp_path)
+    if reward["kind"] == "model":
+        reward["paths"] = [str(root / "rm")]
+    elif reward["kind"] == "ensemble":
+        reward["paths"] = [str(root / "rm"), str(root / "rm")]
+    recipe = {"policy": str(root / "sft"), "prompts": str(root / "world" / "sft.jsonl"),
+              "eval_prompts": str(root / "world" / "eval.jsonl"), "eval_n": 2, "out": str(root / "out"),
+              "iterations": 2, "rollout": {"prompts": 2, "group_size": 2, "max_new_tokens": 6, "format_penalty": 0.1,
+                                           "empty_score": -1.0},
+              "reward": reward, "train": {"precision": "float32", "progress": False, "lr": 1e-3}}
+    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
+    res = align_recipe(method, root / "r.yaml", log=lambda s: None)
+    out = root / "out"
+    assert (out / "model" / "config.json").is_file()
+    assert (out / "value" / "config.json").is_file() == (method == "ppo")
+    report = _json.loads((out / "rl_report.json").read_text())
+    assert report["method"] == method and report["steps"] == 2 and 0 < report["generate_share"] < 1
+    assert set(report["after"]) == {"gold_dense", "gold_sparse", "exact_match", "kl_to_sft"}
+    rows = metrics(out)
+    assert all(k in rows[-1] for k in ("reward", "gold", "clip_fraction", "max_dlogp"))
+    assert _json.loads(_json.dumps(res.report)) == report
+    # The command wraps the same function (and rejects a typo with the key named).
+    assert main(["align", method, "--config", str(root / "r.yaml"), "--set", "out=" + str(root / "cli"),
+                 "--set", "iterations=1"]) == 0
+    assert main(["align", method, "--config", str(root / "r.yaml"), "--set", "rollout.group_sise=2"]) == 2
+
+
+def test_stage_reads_the_sft_model_and_world_by_name(tmp_path):
+    import json as _json
+
+    from lmlab.pipeline import Recipe, StageContext, load_recipe
+    from lmlab.stages import grpo as grpo_stage
+
+    root = _base(tmp_path / "run")
+    (root / "sft" / "model").mkdir()
+    for f in (root / "sft").iterdir():
+        if f.is_file():
+            f.rename(root / "sft" / "model" / f.name)
+    recipe, _ = load_recipe(None, ["grpo.iterations=1", "grpo.rollout.prompts=2", "grpo.rollout.group_size=2",
+                                   "grpo.rollout.max_new_tokens=4", "grpo.eval_n=2", "grpo.train.progress=false",
+                                   "grpo.train.precision=float32"])
+    assert isinstance(recipe, Recipe) and recipe.grpo.iterations == 1
+    grpo_stage.run(StageContext("grpo", root, recipe, echo=lambda s: None))
+    report = _json.loads((root / "grpo" / "rl_report.json").read_text())
+    assert report["method"] == "grpo" and "gold_dense" in report["after"]

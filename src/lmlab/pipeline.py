@@ -32,6 +32,7 @@ from lmlab.errors import LmlabError
 from lmlab.io import read_json, write_json_atomic, write_text_atomic
 from lmlab.stages.common import DataConfig
 from lmlab.stages.eval import EvalConfig
+from lmlab.stages.online_rl import OnlineRLConfig
 from lmlab.stages.sample import SampleConfig
 from lmlab.stages.sft import FinetuneConfig
 from lmlab.stages.world import WorldConfig
@@ -48,6 +49,9 @@ STAGE_MODULES = {
     "world": "lmlab.stages.world",
     "sft": "lmlab.stages.sft",
     "eval": "lmlab.stages.eval",
+    "ppo": "lmlab.stages.ppo",
+    "grpo": "lmlab.stages.grpo",
+    "rloo": "lmlab.stages.rloo",
 }
 
 
@@ -72,10 +76,14 @@ class Recipe:
     world: WorldConfig = WorldConfig()
     sft: FinetuneConfig = field(default_factory=_default_sft)
     eval: EvalConfig = EvalConfig()
+    ppo: OnlineRLConfig = OnlineRLConfig()  # each stage's method is its name
+    grpo: OnlineRLConfig = OnlineRLConfig()
+    rloo: OnlineRLConfig = OnlineRLConfig()
 
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig, "world": WorldConfig,
-            "sft": FinetuneConfig, "eval": EvalConfig}
+            "sft": FinetuneConfig, "eval": EvalConfig, "ppo": OnlineRLConfig, "grpo": OnlineRLConfig,
+            "rloo": OnlineRLConfig}
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
 

@@ -9,7 +9,7 @@ from lmlab.errors import LmlabError
 
 # Command-group modules, each with `add_commands(subparsers)`.
 GROUPS = ("lmlab.cli.model", "lmlab.cli.data", "lmlab.cli.train", "lmlab.cli.align", "lmlab.cli.decode",
-          "lmlab.cli.serve")
+          "lmlab.cli.serve", "lmlab.cli.rl")
 
 
 def build_parser() -> argparse.ArgumentParser:

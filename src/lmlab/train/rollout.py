@@ -176,7 +176,7 @@ class Rollouts:
         self.made = 0  # rollouts generated so far
         self.cursor = 0  # rows of the current buffer's order already served
         self.buffer: dict[str, torch.Tensor] | None = None
-        self.prompt_position = 0
+        self.generate_seconds = 0.0  # this session's time in the sampler (not checkpointed: a timing)
 
     # ---------------------------------------------------------------- prompts and order
     def _prompt_batch(self, k: int) -> list[int]:
@@ -227,6 +227,7 @@ class Rollouts:
         gens = generate(policy, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
                         eos_id=self.stop, seed=cfg.seed * 1_000_003 + k, pad_id=self.pad_id)
         t_gen = time.perf_counter() - t0
+        self.generate_seconds += t_gen
         prompts = [self.prompts[i] for i in chosen]
         texts = self._texts(gens)
         ended = torch.tensor([g.finish_reason == "eos" for g in gens])
