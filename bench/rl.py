@@ -9,7 +9,7 @@ sides generate the full 32 tokens. Each side runs n + 1 iterations; the first is
 and not timed; the median of the rest is reported.
 
     PYTHONPATH=src python bench/rl.py            # 5 timed iterations each
-    PYTHONPATH=src python bench/rl.py --quick    # 2 each, < 90 s on 2 cores
+    PYTHONPATH=src python bench/rl.py --quick    # 1 each, < 90 s on 2 idle cores
 """
 from __future__ import annotations
 
@@ -147,13 +147,13 @@ def trl_times(model, tok, prompts, tmp: Path, steps: int) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iterations", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="2 timed iterations each")
+    ap.add_argument("--quick", action="store_true", help="1 timed iteration each (after the warm-up)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    n = 2 if args.quick else args.iterations
+    n = 1 if args.quick else args.iterations
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         hf, hf_tok, ours, ours_tok, prompts = build(tmp)
