@@ -82,8 +82,9 @@ class OnlineRLConfig:
     reward: RewardSpec = field(default_factory=RewardSpec)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=0, schedule="constant",
-                                                                   weight_decay=0.0, log_every=1))
+    # The loop's settings (lr, precision, micro_batch_size, checkpoint_every, ...); its steps
+    # and batch_size are derived from the rollout sizes above.
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         if self.method and self.method not in METHODS:
