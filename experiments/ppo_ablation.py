@@ -40,7 +40,7 @@ def config(run: Path, out: Path, seed: int, switches: dict, iterations: int, pro
         reward=RewardSpec(kind="gold", gold="dense"), small_batch_divisor=8)
     ppo = replace(PPOConfig(), whiten_advantages=switches["whiten_advantages"], ema=switches["ema"])
     return replace(base, ppo=ppo, large_batch=switches["large_batch"],
-                   train=replace(base.train, lr=lr, seed=seed, progress=False, precision="float32"))
+                   train=replace(base.train, lr=lr, seed=seed, progress=False, precision="auto"))
 
 
 def main() -> None:
