@@ -46,9 +46,15 @@ def _scalar_head_model(cfg: ModelConfig) -> torch.nn.Module:
     return RewardModel(cfg)
 
 
+def _value_model(cfg: ModelConfig) -> torch.nn.Module:
+    from lmlab.model.heads import ValueModel
+
+    return ValueModel(cfg)
+
+
 # kind -> the module class built (on the meta device) around a checkpoint's weights.
 MODEL_KINDS: dict[str, Callable[[ModelConfig], torch.nn.Module]] = {
-    KIND_LM: Transformer, KIND_REWARD: _scalar_head_model, KIND_VALUE: _scalar_head_model,
+    KIND_LM: Transformer, KIND_REWARD: _scalar_head_model, KIND_VALUE: _value_model,
 }
 
 

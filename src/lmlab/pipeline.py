@@ -48,6 +48,9 @@ STAGE_MODULES = {
     "eval": "lmlab.stages.eval",
     "dpo": "lmlab.stages.dpo",
     "rejection": "lmlab.stages.rejection",
+    "ppo": "lmlab.stages.ppo",
+    "grpo": "lmlab.stages.grpo",
+    "rloo": "lmlab.stages.rloo",
     "report": "lmlab.stages.report",
 }
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lmlab.align.online import METHODS
+
 
 def cmd_reward_train(args: argparse.Namespace) -> None:
     from lmlab.rewards.train import reward_train_recipe
@@ -48,6 +50,13 @@ def cmd_rejection_sampling(args: argparse.Namespace) -> None:
     gold = report.get("gold_best_mean")
     print(f"best-of-{report['n']}: {report['chosen']} answers chosen, KL {report['kl_best_of_n']:.3f} nats"
           + ("" if gold is None else f", gold reward {report['gold_sample_mean']:.3f} -> {gold:.3f}"))
+
+
+def cmd_online_rl(args: argparse.Namespace) -> None:
+    from lmlab.align.online import align_recipe
+
+    result = align_recipe(args.method, args.config, args.set, args.resume)
+    print(f"done: {result.run_dir}/model (rl_report.json and metrics.jsonl beside it)")
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -96,3 +105,14 @@ def add_commands(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue the fine-tuning from its last checkpoint")
     p.set_defaults(func=cmd_rejection_sampling)
+    helps = {"ppo": "PPO: critic, KL to the reference, GAE, advantage whitening, EMA reference",
+             "grpo": "GRPO: group-normalised advantages (Dr. GRPO, DAPO options), no critic",
+             "rloo": "RLOO: leave-one-out baseline over each prompt's samples, no critic"}
+    for method in METHODS:
+        p = align.add_parser(method, help=helps[method])
+        p.add_argument("--config", required=True, help="recipe YAML (policy, prompts, out, rollout, reward, "
+                                                       f"{'ppo' if method == 'ppo' else 'grpo'}, train)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key, e.g. --set rollout.group_size=8")
+        p.add_argument("--resume", action="store_true")
+        p.set_defaults(func=cmd_online_rl, method=method)

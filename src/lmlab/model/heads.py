@@ -87,3 +87,23 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.score(self.features(input_ids, attn_mask)).squeeze(-1).float()
+
+
+class ValueModel(RewardModel):
+    """A PPO critic: the reward model's shape (trunk + one linear unit), read at every
+    token instead of the last one. `values(ids)` is V(s_t) for each prefix."""
+
+    kind = "value"
+
+    def values(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) float32: the value of the state after reading input_ids[:, :t+1]."""
+        hidden = self.transformer.hidden_states(input_ids, positions=positions, attn_mask=attn_mask)
+        return self.score(hidden).squeeze(-1).float()
+
+    @classmethod
+    def from_reward_model(cls, rm: RewardModel) -> "ValueModel":
+        """Adopt a reward model's trunk and head (a common critic initialisation)."""
+        vm = cls(rm.config, rm.transformer)
+        vm.score = rm.score
+        return vm

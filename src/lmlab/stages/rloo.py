@@ -1,0 +1,16 @@
+"""Stage `rloo`: RLOO (leave-one-out baseline) on group rollouts,
+from the sft stage's model on the world's prompts -> rloo/ (model/, metrics.jsonl,
+rl_report.json). The code path is `lmlab.align.online`, shared by ppo, grpo and rloo."""
+from __future__ import annotations
+
+from lmlab.align.online import OnlineRLConfig
+
+NEEDS = ("sft", "world")
+SECTIONS = ("rloo",)
+CONFIG = ("rloo", OnlineRLConfig)
+
+
+def run(ctx) -> None:
+    from lmlab.align.online import run_stage
+
+    run_stage(ctx, ctx.recipe.rloo)
