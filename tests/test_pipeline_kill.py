@@ -22,8 +22,8 @@ SETS = [s for s in TINY if not s.startswith(("train=", "sft.train="))] + [
 ]
 
 
-def command(run_dir: Path, corpus: Path, resume: bool) -> list[str]:
-    sets = [*SETS, f"data.source={corpus}"]
+def command(run_dir: Path, corpus: Path, resume: bool, longer: bool = False) -> list[str]:
+    sets = [*SETS, f"data.source={corpus}", *(["train.steps=200", "sft.train.steps=200"] if longer else [])]
     return [sys.executable, "-m", "lmlab", "run", "--run-dir", str(run_dir),
             *(["--resume"] if resume else []), *[x for s in sets for x in ("--set", s)]]
 
@@ -32,14 +32,14 @@ def env():
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
 
 
-def run_to_end(run_dir, corpus, resume=False):
-    out = subprocess.run(command(run_dir, corpus, resume), env=env(), capture_output=True, text=True, timeout=300)
+def run_to_end(run_dir, corpus, resume=False, longer=False):
+    out = subprocess.run(command(run_dir, corpus, resume, longer), env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-def kill_when(run_dir, corpus, resume, ready, timeout=240):
+def kill_when(run_dir, corpus, resume, ready, timeout=240, longer=False):
     """Start the run; SIGKILL it as soon as `ready(run_dir)` holds."""
-    proc = subprocess.Popen(command(run_dir, corpus, resume), env=env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command(run_dir, corpus, resume, longer), env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     try:
@@ -94,13 +94,13 @@ def test_kill_in_pretrain_and_in_sft_then_resume_matches_uninterrupted(tmp_path,
 def test_random_kills_across_the_whole_run(tmp_path, corpus):
     """Killed at random moments (inside checkpoint writes too) until the run completes."""
     straight = tmp_path / "straight"
-    run_to_end(straight, corpus)
+    run_to_end(straight, corpus, longer=True)
     run, rng, kills = tmp_path / "killed", random.Random(0), 0
-    while not (run / "eval/stage.json").exists() and kills < 12:
-        delay = rng.uniform(2.0, 8.0)
+    while not (run / "eval/stage.json").exists() and kills < 20:
+        delay = rng.uniform(2.0, 6.0)
         start = time.monotonic()
-        kill_when(run, corpus, run.exists(), lambda _: time.monotonic() - start > delay)
+        kill_when(run, corpus, run.exists(), lambda _: time.monotonic() - start > delay, longer=True)
         kills += 1
-    run_to_end(run, corpus, resume=True)
+    run_to_end(run, corpus, resume=True, longer=True)
     assert final_metrics(run) == final_metrics(straight)
     assert kills >= 3

@@ -34,7 +34,7 @@ def test_default_recipe_loads_and_overrides_apply():
     recipe, raw = load_recipe(None, ["train.lr=1e-3", "model.n_layers=2", "data.seq_len=64"])
     assert recipe.train.lr == 1e-3 and recipe.data.seq_len == 64
     assert recipe.model["n_layers"] == 2 and raw["model"]["n_layers"] == 2
-    assert list(recipe.stages) == ["tokenizer", "shards", "pretrain", "sample", "world", "sft", "eval"]
+    assert list(recipe.stages) == ["tokenizer", "shards", "pretrain", "sample", "world", "sft", "eval", "report"]
     # The default follows the hardware; the chat tokens' rows train in the sft stage.
     assert recipe.train.precision == "auto" and recipe.sft.train.precision == "auto"
     assert recipe.sft.adapter.trainable == ("embed", "lm_head")
@@ -111,15 +111,16 @@ def test_tiny_run_end_to_end_then_resume_skip_only(tmp_path, tiny):
         torch.testing.assert_close(load_model(other)(x), merged(x), atol=1e-5, rtol=1e-5)
     assert load_model(run / "sft/checkpoints/step-2").config == merged.config
 
-    # --resume with nothing changed skips everything.
+    # --resume with nothing changed skips everything but the report (rebuilt every run).
+    assert (run / "report.html").is_file()
     again = run_pipeline(recipe, run, resume=True, raw=raw, echo=quiet)
-    assert again.ran == [] and again.skipped == list(recipe.stages)
+    assert again.ran == ["report"] and again.skipped == list(recipe.stages)[:-1]
     # A changed sample setting reruns sample alone.
     changed, raw2 = load_recipe(None, [*tiny, "sample.temperature=0.5"])
-    assert run_pipeline(changed, run, resume=True, raw=raw2, echo=quiet).ran == ["sample"]
+    assert run_pipeline(changed, run, resume=True, raw=raw2, echo=quiet).ran == ["sample", "report"]
     # --only reruns the named stage, --skip leaves one out.
     assert run_pipeline(recipe, run, only=("eval",), echo=quiet).ran == ["eval"]
-    assert run_pipeline(recipe, run, start="sft", skip=("eval",), echo=quiet).ran == ["sft"]
+    assert run_pipeline(recipe, run, start="sft", skip=("eval",), echo=quiet).ran == ["sft", "report"]
     # Without --resume an existing run is refused before anything is written.
     before = (run / "eval/world_eval.json").read_bytes()
     with pytest.raises(LmlabError, match="--resume"):
@@ -161,4 +162,4 @@ def test_failed_stage_keeps_finished_ones_and_resume_continues(tmp_path, tiny, m
     monkeypatch.setattr(world, "run", real)
     result = run_pipeline(recipe, run, resume=True, raw=raw, echo=quiet)
     assert result.skipped == ["tokenizer", "shards", "pretrain", "sample"]
-    assert result.ran == ["world", "sft", "eval"]
+    assert result.ran == ["world", "sft", "eval", "report"]
