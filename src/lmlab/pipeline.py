@@ -29,12 +29,17 @@ from typing import Any, Callable, Mapping
 
 from lmlab.config import from_mapping, load_yaml
 from lmlab.align.dpo import DPOConfig
+from lmlab.data.curate import CurateConfig
 from lmlab.errors import LmlabError
 from lmlab.io import read_json, write_json_atomic, write_text_atomic
 from lmlab.stages.common import DataConfig
 from lmlab.stages.eval import EvalConfig
+from lmlab.stages.export import ExportConfig
+from lmlab.stages.proxy import ProxyConfig
+from lmlab.stages.reward import RewardStageConfig
 from lmlab.stages.sample import SampleConfig
 from lmlab.stages.sft import FinetuneConfig
+from lmlab.stages.warm import WarmConfig
 from lmlab.stages.world import WorldConfig
 from lmlab.train.config import TrainConfig, apply_overrides
 
@@ -42,6 +47,7 @@ MARKER = "stage.json"
 RUN_FILE = "run.json"
 # Stage name -> the module that implements it (each has NEEDS, SECTIONS and run(ctx)).
 STAGE_MODULES = {
+    "curate": "lmlab.stages.curate",
     "tokenizer": "lmlab.stages.tokenizer",
     "shards": "lmlab.stages.shards",
     "pretrain": "lmlab.stages.pretrain",
@@ -50,6 +56,10 @@ STAGE_MODULES = {
     "sft": "lmlab.stages.sft",
     "eval": "lmlab.stages.eval",
     "dpo": "lmlab.stages.dpo",
+    "reward": "lmlab.stages.reward",
+    "warm": "lmlab.stages.warm",
+    "proxy": "lmlab.stages.proxy",
+    "export": "lmlab.stages.export",
 }
 
 
@@ -75,10 +85,16 @@ class Recipe:
     sft: FinetuneConfig = field(default_factory=_default_sft)
     eval: EvalConfig = EvalConfig()
     dpo: DPOConfig = DPOConfig()
+    curate: CurateConfig = CurateConfig()
+    reward: RewardStageConfig = RewardStageConfig()
+    warm: WarmConfig = WarmConfig()
+    proxy: ProxyConfig = ProxyConfig()
+    export: ExportConfig = ExportConfig()
 
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig, "world": WorldConfig,
-            "sft": FinetuneConfig, "eval": EvalConfig, "dpo": DPOConfig}
+            "sft": FinetuneConfig, "eval": EvalConfig, "dpo": DPOConfig, "curate": CurateConfig,
+            "reward": RewardStageConfig, "warm": WarmConfig, "proxy": ProxyConfig, "export": ExportConfig}
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
 
@@ -145,15 +161,27 @@ def _strip(value: Any) -> Any:
     return value
 
 
+def stage_needs(mod, recipe: Recipe) -> tuple[str, ...]:
+    """The stages a stage reads: its NEEDS, plus those of its USES (read only when the recipe
+    runs them, e.g. the tokenizer reads curate's output when curation is in the run)."""
+    return (*mod.NEEDS, *(n for n in getattr(mod, "USES", ()) if n in recipe.stages))
+
+
 def stage_hashes(recipe: Recipe) -> dict[str, str]:
-    """Per stage: a hash of its recipe sections and of the hashes of the stages it needs."""
+    """Per stage: a hash of its recipe sections and of the hashes of the stages it reads."""
     hashes: dict[str, str] = {}
+
+    def visit(name: str) -> str:  # upstream first, whatever order STAGE_MODULES lists them in
+        if name not in hashes:
+            mod = stage_module(name)
+            own = {s: _strip(_jsonable(getattr(recipe, s))) for s in mod.SECTIONS}
+            upstream = {n: visit(n) for n in stage_needs(mod, recipe)}
+            text = json.dumps({"stage": name, "config": own, "upstream": upstream}, sort_keys=True)
+            hashes[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return hashes[name]
+
     for name in STAGE_MODULES:
-        mod = stage_module(name)
-        own = {s: _strip(_jsonable(getattr(recipe, s))) for s in mod.SECTIONS}
-        upstream = {n: hashes[n] for n in mod.NEEDS}
-        text = json.dumps({"stage": name, "config": own, "upstream": upstream}, sort_keys=True)
-        hashes[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        visit(name)
     return hashes
 
 
@@ -223,7 +251,7 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
         raise LmlabError(f"{run_dir} holds files that are not an lmlab run; choose another --run-dir")
     hashes = stage_hashes(recipe)
     for name in chosen:
-        for need in stage_module(name).NEEDS:
+        for need in stage_needs(stage_module(name), recipe):
             if need not in chosen and stage_done(run_dir, need) is None:
                 raise LmlabError(f"stage {name!r} reads the outputs of {need!r}, which is not complete in "
                                  f"{run_dir}; run it too (drop --only/--skip, or start --from {need})")
