@@ -42,13 +42,18 @@ def _swap(p: PreferencePair) -> PreferencePair:
     return PreferencePair(p.prompt, p.rejected, p.chosen, p.margin, p.source)
 
 
+# Gold rewards closer than this are a tie: SortWorld's r* reaches one value by different
+# sums of fractions (0.9 vs 0.8999999999999999), which is no preference.
+GOLD_TIE = 1e-6
+
+
 def split_by_gold(pairs: Sequence[PreferencePair], gold) -> dict[str, list[PreferencePair]]:
     """{"agree", "disagree", "tie"}: pairs whose label the gold reward confirms, contradicts,
-    or cannot decide."""
+    or cannot decide (scores within GOLD_TIE)."""
     chosen, rejected = pair_scores(gold, pairs)
     out: dict[str, list[PreferencePair]] = {"agree": [], "disagree": [], "tie": []}
     for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
-        out["agree" if c > r else "disagree" if c < r else "tie"].append(p)
+        out["tie" if abs(c - r) <= GOLD_TIE else "agree" if c > r else "disagree"].append(p)
     return out
 
 
