@@ -333,3 +333,16 @@ def test_stages_leave_markers_in_a_pipeline_run(base_run):
     run, _ = base_run
     for name in ("curate", "tokenizer", "shards", "pretrain", "world", "sft"):
         assert json.loads((run / name / MARKER).read_text())["stage"] == name
+
+
+def test_world_preferences_never_have_an_empty_answer(tmp_path):
+    """At n=1000 the labeller once paired "" (a one-symbol answer after a drop) with "um",
+    which the chat template refuses when a reward model or DPO encodes it; candidates now
+    leave empty answers out."""
+    from lmlab.worlds.export import export_world
+
+    export_world("sort", tmp_path, seed=0, n=1000)
+    for split in ("train", "test_id", "test_ood"):
+        path = tmp_path / f"preferences_{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert rows and all(r["chosen"].strip() and r["rejected"].strip() for r in rows)
