@@ -39,6 +39,7 @@ RUN_FILE = "run.json"
 # reads, hashed into its marker), run(ctx), and optionally CONFIG = (section, dataclass[,
 # default factory]) for a recipe section of its own. Adding a stage is one line here.
 STAGE_MODULES = {
+    "curate": "lmlab.stages.curate",
     "tokenizer": "lmlab.stages.tokenizer",
     "shards": "lmlab.stages.shards",
     "pretrain": "lmlab.stages.pretrain",
@@ -51,6 +52,10 @@ STAGE_MODULES = {
     "ppo": "lmlab.stages.ppo",
     "grpo": "lmlab.stages.grpo",
     "rloo": "lmlab.stages.rloo",
+    "reward": "lmlab.stages.reward",
+    "warm": "lmlab.stages.warm",
+    "proxy": "lmlab.stages.proxy",
+    "export": "lmlab.stages.export",
     "report": "lmlab.stages.report",
 }
 
@@ -146,15 +151,27 @@ def _strip(value: Any) -> Any:
     return value
 
 
+def stage_needs(mod, recipe: Recipe) -> tuple[str, ...]:
+    """The stages a stage reads: its NEEDS, plus those of its USES (read only when the recipe
+    runs them, e.g. the tokenizer reads curate's output when curation is in the run)."""
+    return (*mod.NEEDS, *(n for n in getattr(mod, "USES", ()) if n in recipe.stages))
+
+
 def stage_hashes(recipe: Recipe) -> dict[str, str]:
-    """Per stage: a hash of its recipe sections and of the hashes of the stages it needs."""
+    """Per stage: a hash of its recipe sections and of the hashes of the stages it reads."""
     hashes: dict[str, str] = {}
+
+    def visit(name: str) -> str:  # upstream first, whatever order STAGE_MODULES lists them in
+        if name not in hashes:
+            mod = stage_module(name)
+            own = {s: _strip(_jsonable(getattr(recipe, s))) for s in mod.SECTIONS}
+            upstream = {n: visit(n) for n in stage_needs(mod, recipe)}
+            text = json.dumps({"stage": name, "config": own, "upstream": upstream}, sort_keys=True)
+            hashes[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return hashes[name]
+
     for name in STAGE_MODULES:
-        mod = stage_module(name)
-        own = {s: _strip(_jsonable(getattr(recipe, s))) for s in mod.SECTIONS}
-        upstream = {n: hashes[n] for n in mod.NEEDS}
-        text = json.dumps({"stage": name, "config": own, "upstream": upstream}, sort_keys=True)
-        hashes[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        visit(name)
     return hashes
 
 
@@ -224,7 +241,7 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
         raise LmlabError(f"{run_dir} holds files that are not an lmlab run; choose another --run-dir")
     hashes = stage_hashes(recipe)
     for name in chosen:
-        for need in stage_module(name).NEEDS:
+        for need in stage_needs(stage_module(name), recipe):
             if need not in chosen and stage_done(run_dir, need) is None:
                 raise LmlabError(f"stage {name!r} reads the outputs of {need!r}, which is not complete in "
                                  f"{run_dir}; run it too (drop --only/--skip, or start --from {need})")

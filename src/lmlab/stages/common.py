@@ -29,13 +29,25 @@ def corpus_texts(data: DataConfig) -> Any:
     return data.source
 
 
-def texts(data: DataConfig):
-    source = corpus_texts(data)
+CURATED = "curated.jsonl"  # the curate stage's output: one {"id", "text", ...} document per line
+
+
+def corpus_source(ctx) -> tuple[Any, str]:
+    """(source, text_field) of the corpus the tokenizer and shards stages read: the curate
+    stage's output when the recipe runs that stage, else the recipe's own corpus."""
+    if "curate" in ctx.recipe.stages:
+        return str(require(ctx.input("curate") / CURATED, "curate")), "text"
+    return corpus_texts(ctx.recipe.data), ctx.recipe.data.text_field
+
+
+def corpus_text_list(ctx):
+    """The texts of `corpus_source(ctx)`: a list, or an iterator over the file's documents."""
+    source, text_field = corpus_source(ctx)
     if isinstance(source, list):
         return source
     from lmlab.data.sources import read_texts
 
-    return read_texts(source, text_field=data.text_field)
+    return read_texts(source, text_field=text_field)
 
 
 def require(path: Path, stage: str) -> Path:
@@ -52,3 +64,30 @@ def model_dir(run_dir: Path, stage: str) -> Path:
 
 def tokenizer_file(run_dir: Path) -> Path:
     return require(run_dir / "tokenizer" / "tokenizer.json", "tokenizer")
+
+
+def sort_world_preferences(run_dir: Path, world) -> Path:
+    """The world stage's directory, checked to hold SortWorld preference pairs."""
+    if world.name != "sort":
+        raise LmlabError(f"reward models train on SortWorld's preference pairs; world.name={world.name!r} exports "
+                         "none: set world.name: sort")
+    root = run_dir / "world"
+    require(root / "preferences_train.jsonl", "world")
+    return root
+
+
+def preference_eval_sets(run_dir: Path, world, limit: int = 0):
+    """WARM's evaluation sets (lmlab.rewards.accuracy.evaluation_sets) from the world stage's
+    preference files, split and oriented by SortWorld's gold reward; returns (sets, counts)."""
+    from lmlab.data.preference import read_preference_jsonl
+    from lmlab.rewards.accuracy import evaluation_sets
+    from lmlab.rewards.base import GoldReward
+
+    root = sort_world_preferences(run_dir, world)
+
+    def pairs(split: str):
+        path = root / f"preferences_{split}.jsonl"
+        return read_preference_jsonl(path).pairs if path.is_file() else None
+
+    return evaluation_sets(pairs("train"), pairs("test_id"), pairs("test_ood"),
+                           GoldReward("sort", "dense", ended=True), limit)

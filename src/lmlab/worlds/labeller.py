@@ -76,13 +76,15 @@ def label_pairs(pairs: Iterable[tuple[SortTask, str, str]], cfg: LabellerConfig,
 
 
 def candidates(samples: Sequence[str], rng: random.Random) -> list[str]:
-    """Distinct answers to compare: the samples plus each edit applied to a random sample."""
+    """Distinct non-empty answers to compare: the samples plus each edit applied to a random
+    sample. An empty answer (a one-symbol answer after a drop) is left out: the preference
+    and chat readers refuse empty answers, so no pair may have one."""
     if not samples:
         raise LmlabError("need at least one sample per prompt to build preference pairs")
     pool = list(samples)
     for edit in EDITS:
         pool.append(" ".join(apply_edit(rng.choice(samples).split(), edit, rng)))
-    return list(dict.fromkeys(pool))
+    return [a for a in dict.fromkeys(pool) if a.strip()]
 
 
 def build_pairs(tasks: Sequence[SortTask], sampler: Callable[[SortTask, random.Random], list[str]],
