@@ -101,44 +101,23 @@ def pretrain_large(ctx, tok):
 
 def tune_large(ctx, base, tok):
     """The upper bound: a copy of the large base tuned on the world's chat set with the sft
-    stage's method, adapter and training settings (tune_steps replacing its steps)."""
+    stage's settings (tune_steps replacing its steps), through the one SFT code path."""
     import copy
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
-    import torch
-
-    from lmlab.adapters import AdapterConfig, apply_adapters, strip_adapters
-    from lmlab.checkpoint import save_model
-    from lmlab.data.chat import ChatDataset, RoleTokenTemplate, collate_rows, encode_conversations, pack_examples
-    from lmlab.data.chat import read_chat_jsonl
     from lmlab.hub import load_model
     from lmlab.stages.common import require
-    from lmlab.train.data import ShuffledBatches
-    from lmlab.train.loop import train
-    from lmlab.train.objectives.lm import LanguageModeling
+    from lmlab.train.finetune import finetune
 
     cfg, sft, out = ctx.recipe.proxy, ctx.recipe.sft, ctx.out / "large-tuned"
     if ctx.resume and (out / "model" / "config.json").is_file():
         return load_model(out / "model", device=cfg.train.device)
     model = copy.deepcopy(base)
-    seq_len = min(sft.data.seq_len or ctx.recipe.data.seq_len, model.config.max_seq_len)
-    convs = read_chat_jsonl(sft.data.train or require(ctx.input("world") / "sft.jsonl", "world"))
-    n_val = int(len(convs) * sft.data.val_fraction)  # the conversations the sft stage held out
-    convs = convs[:-n_val] if n_val and not sft.data.val else convs
-    rows = pack_examples(encode_conversations(convs, RoleTokenTemplate(tok), seq_len), seq_len,
-                         tok.pad_id if tok.pad_id is not None else 0)
-    tcfg = replace(sft.train, steps=cfg.tune_steps or sft.train.steps)
-    if sft.method == "full":
-        tcfg = replace(tcfg, lr=sft.full_lr or tcfg.lr)
-    else:
-        torch.manual_seed(tcfg.seed)
-        apply_adapters(model, AdapterConfig(**{**asdict(sft.adapter), "method": sft.method}))
-    ctx.echo(f"proxy: tuning the large base ({sft.method}, {tcfg.steps} steps): the upper bound")
-    train(model, LanguageModeling(), ShuffledBatches(ChatDataset(rows), seed=tcfg.seed, collate=collate_rows),
-          tcfg, out, tokenizer=tok, resume="auto" if ctx.resume else False, log=ctx.echo)
-    if sft.method != "full":
-        strip_adapters(model)
-    save_model(model, out / "model", tokenizer=tok)
+    data = replace(sft.data, train=sft.data.train or str(require(ctx.input("world") / "sft.jsonl", "world")),
+                   seq_len=min(sft.data.seq_len or ctx.recipe.data.seq_len, model.config.max_seq_len))
+    tuned = replace(sft, data=data, train=replace(sft.train, steps=cfg.tune_steps or sft.train.steps))
+    ctx.echo(f"proxy: tuning the large base ({sft.method}, {tuned.train.steps} steps): the upper bound")
+    finetune(model, tok, tuned, out, resume="auto" if ctx.resume else False, log=ctx.echo)
     return model
 
 
