@@ -293,7 +293,8 @@ def test_lifecycle_recipe_lists_every_stage_in_order():
 
     recipe, _ = load_recipe(LIFECYCLE)
     assert list(recipe.stages) == ["curate", "tokenizer", "shards", "pretrain", "sample", "world", "sft", "reward",
-                                   "warm", "dpo", "proxy", "eval", "export"]
+                                   "warm", "rejection", "ppo", "dpo", "proxy", "eval", "export", "report"]
+    assert recipe.ppo.reward.paths == ("warm/model",) and recipe.rejection.reward == "warm/model"
     assert set(recipe.stages) <= set(STAGE_MODULES)
     assert recipe.world.flip_rate == 0.25 and recipe.reward.members == 4 and recipe.export.gguf_type == "q8_0"
     default, _ = load_recipe(None)

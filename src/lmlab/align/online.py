@@ -311,7 +311,12 @@ def run_stage(ctx, cfg: OnlineRLConfig) -> None:
     held_out = cfg.eval_prompts
     if held_out is None and (ctx.input("world") / "eval.jsonl").is_file():
         held_out = str(ctx.input("world") / "eval.jsonl")
-    cfg = replace(cfg, policy=policy, prompts=prompts, eval_prompts=held_out, out=str(ctx.out))
+    # Reward models named relative to the run (e.g. warm/model, reward/member-0/model) are
+    # the earlier stages' outputs: PPO against WARM inside one `lmlab run`.
+    paths = tuple(str(ctx.run_dir / p) if not Path(p).is_absolute() and (ctx.run_dir / p).exists() else p
+                  for p in cfg.reward.paths)
+    cfg = replace(cfg, policy=policy, prompts=prompts, eval_prompts=held_out, out=str(ctx.out),
+                  reward=replace(cfg.reward, paths=paths))
     align_online(cfg, ctx.out, resume="auto" if ctx.resume else False, log=ctx.echo)
 
 

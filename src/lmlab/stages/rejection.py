@@ -24,6 +24,7 @@ from lmlab.train.finetune import FinetuneConfig
 from lmlab.train.config import TrainConfig
 
 NEEDS = ("sft", "world")
+USES = ("reward", "warm")  # their reward models, when the recipe runs them and names one
 SECTIONS = ("rejection",)
 
 SAMPLES, BEST, REPORT = "samples.jsonl", "best.jsonl", "rejection.json"
@@ -175,7 +176,12 @@ def run(ctx) -> None:
     from lmlab.stages.common import model_dir, require
 
     cfg = ctx.recipe.rejection
-    cfg = replace(cfg, policy=cfg.policy or str(model_dir(ctx.run_dir, "sft")), out=str(ctx.out))
+
+    def in_run(spec):  # a reward model named relative to the run: an earlier stage's (warm/model)
+        return str(ctx.run_dir / spec) if isinstance(spec, str) and (ctx.run_dir / spec).exists() else spec
+
+    reward = [in_run(r) for r in cfg.reward] if isinstance(cfg.reward, (list, tuple)) else in_run(cfg.reward)
+    cfg = replace(cfg, policy=cfg.policy or str(model_dir(ctx.run_dir, "sft")), out=str(ctx.out), reward=reward)
     source = cfg.prompts or str(require(ctx.input("world") / "sft.jsonl", "world"))
     prompts = read_prompts(source, cfg.max_prompts)
     rejection_sample(cfg, prompts, ctx.out, resume="auto" if ctx.resume else False, log=ctx.echo)

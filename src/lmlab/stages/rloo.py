@@ -6,6 +6,7 @@ from __future__ import annotations
 from lmlab.align.online import OnlineRLConfig
 
 NEEDS = ("sft", "world")
+USES = ("reward", "warm")  # their reward models, when the recipe runs them and names one
 SECTIONS = ("rloo",)
 CONFIG = ("rloo", OnlineRLConfig)
 
