@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -90,7 +91,44 @@ def variants(model, with_compile: bool):
                     do_sample=False, pad_token_id=0)
 
     runs.append(("transformers float32", run_hf, base_bytes))
+    runs += llama_cpp_runs(model, base_bytes)
     return runs
+
+
+def llama_cpp_runs(model, f32_bytes: int):
+    """llama.cpp (llama-cpp-python, where installed: tools/build_llama_cpp.sh) on GGUF exports
+    of the same weights, f32 and q8_0, greedy through its own KV cache. It decodes one
+    sequence: these rows run at batch 1 only. Threads: torch's count, the same for all."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama.cpp rows left out: llama_cpp is not installed (tools/build_llama_cpp.sh builds it)")
+        return []
+    import numpy as np
+
+    from lmlab.checkpoint import save_model
+    from lmlab.data.corpus import embedded_corpus_texts
+    from lmlab.interop.gguf import export_gguf
+    from lmlab.tokenizer import train_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="lmlab-bench-gguf-"))
+    tok = train_tokenizer(embedded_corpus_texts()[:20], 1024)  # exported vocab is padded to the model's
+    save_model(model, work / "model", tokenizer=tok)
+    out = []
+    for kind, nbytes in (("f32", f32_bytes), ("q8_0", f32_bytes * 34 // 128)):  # q8_0: 34 bytes / 32 weights
+        path = export_gguf(work / "model", work / f"model-{kind}.gguf", type=kind)
+        llm = llama_cpp.Llama(str(path), n_ctx=model.config.max_seq_len, n_batch=64, n_threads=torch.get_num_threads(),
+                              verbose=False)
+
+        def run(prompts, n, llm=llm):
+            if len(prompts) != 1:
+                return None
+            llm.reset()
+            llm.eval(prompts[0])
+            for _ in range(n):
+                llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        out.append((f"llama.cpp {kind}", run, nbytes))
+    return out
 
 
 @torch.no_grad()
@@ -104,13 +142,14 @@ def bench_model(cfg: ModelConfig, batches, n: int, prompt_len: int, repeats: int
     print(f"{'variant':<26} {'batch':>5} {'tok/s':>8} {'roofline':>9} {'of roof':>7} {'MB/token':>9}")
     for batch in batches:
         prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len)).tolist()
-        for _, run, _ in runs:  # warm-up: lazy init, and the compilation under +compile
+        live = [r for r in runs if batch == 1 or not r[0].startswith("llama.cpp")]
+        for _, run, _ in live:  # warm-up: lazy init, and the compilation under +compile
             run(prompts, 2)
-        times = {label: [] for label, _, _ in runs}
+        times = {label: [] for label, _, _ in live}
         for _ in range(repeats):  # interleaved: a load spike hits every variant alike
-            for label, run, _ in runs:
+            for label, run, _ in live:
                 times[label].append(_timed(lambda: run(prompts, n)))
-        for label, _, nbytes in runs:
+        for label, _, nbytes in live:
             rate = batch * n / statistics.median(times[label])
             roof = batch * bandwidth / nbytes
             print(f"{label:<26} {batch:>5} {rate:>8.1f} {roof:>9.1f} {100 * rate / roof:>6.0f}% {nbytes / 1e6:>9.1f}")
