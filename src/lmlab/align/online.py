@@ -21,7 +21,6 @@ Sizes: a rollout is `rollout.prompts x rollout.group_size` completions; each is 
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from lmlab.config import from_mapping
+from lmlab.data.chat import read_prompts
 from lmlab.errors import LmlabError
 from lmlab.train.config import TrainConfig
 from lmlab.train.objectives.grpo import GRPOConfig
@@ -117,31 +117,6 @@ class OnlineRLConfig:
 class OnlineRLResult:
     run_dir: Path
     report: dict[str, Any]
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts of a JSONL file: each record's "prompt", or a chat record's first user turn."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmlabError(f"prompt file not found: {path}")
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmlabError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-        prompt = rec.get("prompt") if isinstance(rec, dict) else None
-        if prompt is None and isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-            prompt = next((m.get("content") for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "user"),
-                          None)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise LmlabError(f"{path}:{n}: no prompt; give {{\"prompt\": ...}} or a chat record with a user turn")
-        out.append(prompt)
-    if not out:
-        raise LmlabError(f"{path} holds no prompts")
-    return out
 
 
 def build_reward(spec: RewardSpec, world: str, out: Path, device: str = "cpu"):

@@ -380,3 +380,26 @@ class ChatDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.rows.items()}
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """The prompts of a JSONL file, in order (the first `limit`): each record's `prompt`
+    string, or a chat record's first user turn; a line without one is an error naming
+    file:line, and so is a file with none."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmlabError(f"prompt file not found: {path}")
+    out: list[str] = []
+    for n, record in iter_jsonl(path):
+        if limit is not None and len(out) >= limit:
+            break
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if prompt is None and isinstance(record, dict) and isinstance(record.get("messages"), list):
+            prompt = next((m.get("content") for m in record["messages"]
+                           if isinstance(m, dict) and m.get("role") == "user"), None)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise LmlabError(f"{path}:{n}: needs a string 'prompt' or 'messages' with a user turn")
+        out.append(prompt)
+    if not out:
+        raise LmlabError(f"{path} holds no prompts")
+    return out

@@ -13,7 +13,6 @@ prompts (the first `max_prompts`); `lmlab align rejection-sampling --config R` n
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -75,32 +74,12 @@ CONFIG = ("rejection", RejectionConfig)
 
 
 def read_prompts(path: str | Path, limit: int) -> list[str]:
-    """The first `limit` prompts of a JSONL file: `prompt` strings, or the first user turn
-    of chat records (`messages`); lines are checked as read, named by file:line."""
+    """The first `limit` prompts of a JSONL file (`lmlab.data.chat.read_prompts`), checked
+    for best-of-N."""
+    from lmlab.data.chat import read_prompts as read
     from lmlab.rewards.best_of_n import check_prompts
 
-    path = Path(path)
-    if not path.is_file():
-        raise LmlabError(f"prompt file not found: {path}")
-    out: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{path}:{n}: malformed JSON ({e.msg}); fix or delete the line") from None
-            prompt = record.get("prompt") if isinstance(record, dict) else None
-            if prompt is None and isinstance(record, dict) and isinstance(record.get("messages"), list):
-                prompt = next((m.get("content") for m in record["messages"]
-                               if isinstance(m, dict) and m.get("role") == "user"), None)
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise LmlabError(f"{path}:{n}: needs a string 'prompt' or 'messages' with a user turn")
-            out.append(prompt)
-    return check_prompts(out, where=f"prompts in {path}")
+    return check_prompts(read(path, limit), where=f"prompts in {path}")
 
 
 def _mean(xs) -> float | None:
