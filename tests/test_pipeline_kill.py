@@ -97,7 +97,7 @@ def test_random_kills_across_the_whole_run(tmp_path, corpus):
     run_to_end(straight, corpus, longer=True)
     run, rng, kills = tmp_path / "killed", random.Random(0), 0
     while not (run / "eval/stage.json").exists() and kills < 20:
-        delay = rng.uniform(2.0, 6.0)
+        delay = rng.uniform(1.0, 4.0)
         start = time.monotonic()
         kill_when(run, corpus, run.exists(), lambda _: time.monotonic() - start > delay, longer=True)
         kills += 1
