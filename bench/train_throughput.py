@@ -118,10 +118,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     runs = [("transformers Llama", hf_llama, "float32"), ("transformers Llama", hf_llama, "bf16")]
-    try:
-        import litgpt  # noqa: F401
+    import importlib.util
+
+    if importlib.util.find_spec("litgpt") is not None:
         runs += [("LitGPT GPT", litgpt_gpt, "float32"), ("LitGPT GPT", litgpt_gpt, "bf16")]
-    except ImportError:
+    else:
         print("LitGPT not installed: skipped")
     runs += [("lmlab", ours, "float32"), ("lmlab", ours, "bf16"),
              ("lmlab chunked CE", lambda: ours(loss_chunk=512), "bf16")]
