@@ -548,6 +548,36 @@ def test_iterative_dpo_rounds_resume_and_label_best_vs_worst(sort_run, tmp_path)
         best_vs_worst(["b"], ["u", "v", "w"], torch.tensor([1.0, 1.0, 1.0]), 3, "r")
 
 
+def test_iterative_labelling_leaves_empty_answers_out(sort_run):
+    """A policy sample that stops at once is an empty answer: a learned reward's template
+    cannot render it (the reward raises) and DPO cannot train on it, so it gets NaN and is
+    never a side of a pair; the other answers of its prompt still make one."""
+    from lmlab.align.iterative import best_vs_worst, score_samples
+    from lmlab.hub import load_model
+    from lmlab.model.heads import RewardModel
+    from lmlab.rewards import ModelReward
+    from lmlab.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    rm = RewardModel.from_lm(load_model(sort_run / "base"), head_init_std=0.5)
+    reward = ModelReward(rm, Tokenizer.load(sort_run / "base"))
+    prompts, answers = ["sort: b a", "sort: b a", "sort: c a b"], ["a b", "", "a c"]
+    with pytest.raises(LmlabError, match="empty assistant answer"):
+        reward.score(prompts, answers)  # what the round used to die on
+    scores = score_samples(reward, prompts, answers, [True, True, True])
+    assert torch.isnan(scores[1]) and not torch.isnan(scores[[0, 2]]).any()
+    expected = reward.score([prompts[0], prompts[2]], [answers[0], answers[2]])
+    assert torch.allclose(scores[[0, 2]], expected)
+    # By hand: NaN and empty answers are skipped; the best and worst of the rest pair up
+    # (an empty answer scored lowest by a gold reward used to cost the prompt its pair).
+    rows = best_vs_worst(["p", "q"], ["x", "", "z", "u", "", "w"],
+                         torch.tensor([0.9, float("nan"), 0.1, 0.5, 0.0, 0.7]), 3, "r")
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("x", "z"), ("w", "u")]
+    assert best_vs_worst(["p", "q"], ["x", "", "z", "", "", "w"], torch.tensor([0.9, 0.0, 0.1, 0.5, 0.0, 0.7]),
+                         3, "r") == [{"prompt": "p", "chosen": "x", "rejected": "z", "chosen_reward": pytest.approx(0.9),
+                                      "rejected_reward": pytest.approx(0.1)}]  # q has one usable answer: no pair
+
+
 def test_dpo_stage_reads_the_sft_model_and_the_worlds_pairs(sort_run, tmp_path):
     import shutil
 

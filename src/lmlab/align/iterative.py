@@ -54,11 +54,18 @@ def make_reward(spec: str, device: str = "cpu"):
 
 def score_samples(reward, prompts: Sequence, answers: Sequence[str], ended: Sequence[bool]) -> torch.Tensor:
     """(N,) scores. A programmatic gold reward is told which answers ended (an answer cut
-    off at max_new_tokens loses its end bonus); a learnt reward reads the text as it is."""
+    off at max_new_tokens loses its end bonus); a learnt reward reads the text as it is.
+    An empty answer gets NaN from a learnt reward: its chat template cannot render one (and
+    DPO could not train on it), so `best_vs_worst` leaves it out instead of the whole round
+    failing on the first policy sample that stops at once."""
     from lmlab.rewards import GoldReward
 
     if not isinstance(reward, GoldReward):
-        return reward.score(list(prompts), list(answers)).float()
+        out = torch.full((len(answers),), float("nan"))
+        keep = [i for i, a in enumerate(answers) if a.strip()]
+        if keep:
+            out[keep] = reward.score([prompts[i] for i in keep], [answers[i] for i in keep]).float()
+        return out
     out = torch.empty(len(answers))
     for flag in (True, False):
         idx = [i for i, e in enumerate(ended) if e == flag]
@@ -115,21 +122,27 @@ class Sampler:
 def best_vs_worst(prompts: Sequence, answers: Sequence[str], scores: torch.Tensor, n: int,
                   round_name: str) -> list[dict[str, Any]]:
     """One pair per prompt: its highest- against its lowest-scored answer (the first of
-    equals). Prompts whose answers all score alike, or whose best and worst texts are the
-    same, give no pair."""
+    equals), among its non-empty answers with a score (an empty answer cannot be a side of
+    a pair; NaN marks an answer the reward could not score). Prompts whose candidates all
+    score alike, or whose best and worst texts are the same, give no pair."""
     rows = []
     grouped = scores.view(-1, n)
     for i, prompt in enumerate(prompts):
         g = grouped[i]
-        best, worst = int(g.argmax()), int(g.argmin())
+        usable = [j for j in range(n) if answers[i * n + j].strip() and not bool(torch.isnan(g[j]))]
+        if len(usable) < 2:
+            continue
+        best = max(usable, key=lambda j: (float(g[j]), -j))
+        worst = min(usable, key=lambda j: (float(g[j]), j))
         chosen, rejected = answers[i * n + best], answers[i * n + worst]
-        if float(g[best]) == float(g[worst]) or chosen == rejected or not chosen.strip() or not rejected.strip():
+        if float(g[best]) == float(g[worst]) or chosen == rejected:
             continue
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
                      "chosen_reward": float(g[best]), "rejected_reward": float(g[worst])})
     if not rows:
-        raise LmlabError(f"{round_name}: for every prompt all {n} samples scored the same (or were identical), so "
-                         "there is no pair to learn from; raise iterative.temperature or iterative.samples")
+        raise LmlabError(f"{round_name}: for every prompt all {n} samples scored the same (or were identical or "
+                         "empty), so there is no pair to learn from; raise iterative.temperature or "
+                         "iterative.samples")
     return rows
 
 
@@ -190,9 +203,11 @@ def iterative_dpo(base_dir: str | Path, prompts: Sequence, out_dir: str | Path, 
             reps = [p for p in prompts for _ in range(it.samples)]
             scores = score_samples(reward, reps, answers, ended)
             rows = best_vs_worst(prompts, answers, scores, it.samples, f"round {k}")
-            sampled = {"mean_reward": float(scores.mean()), "best_mean_reward": float(scores.view(-1, it.samples)
-                                                                                     .max(-1).values.mean()),
-                       "ended": sum(ended) / len(ended), "samples": len(answers)}
+            # Unscored (empty) answers are left out of the means and counted.
+            best = scores.view(-1, it.samples).nan_to_num(float("-inf")).max(-1).values
+            sampled = {"mean_reward": float(scores.nanmean()), "best_mean_reward": float(best[best.isfinite()].mean()),
+                       "ended": sum(ended) / len(ended), "samples": len(answers),
+                       "empty": sum(not a.strip() for a in answers)}
             rdir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(rdir / "samples.json", sampled)
             write_jsonl_atomic(pairs_file, rows)  # last: its presence means the sampling is complete
