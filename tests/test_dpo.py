@@ -573,9 +573,9 @@ def test_iterative_labelling_leaves_empty_answers_out(sort_run):
     rows = best_vs_worst(["p", "q"], ["x", "", "z", "u", "", "w"],
                          torch.tensor([0.9, float("nan"), 0.1, 0.5, 0.0, 0.7]), 3, "r")
     assert [(r["chosen"], r["rejected"]) for r in rows] == [("x", "z"), ("w", "u")]
-    assert best_vs_worst(["p", "q"], ["x", "", "z", "", "", "w"], torch.tensor([0.9, 0.0, 0.1, 0.5, 0.0, 0.7]),
-                         3, "r") == [{"prompt": "p", "chosen": "x", "rejected": "z", "chosen_reward": pytest.approx(0.9),
-                                      "rejected_reward": pytest.approx(0.1)}]  # q has one usable answer: no pair
+    rows = best_vs_worst(["p", "q"], ["x", "", "z", "", "", "w"], torch.tensor([0.9, 0.0, 0.1, 0.5, 0.0, 0.7]), 3, "r")
+    assert rows == [{"prompt": "p", "chosen": "x", "rejected": "z", "chosen_reward": pytest.approx(0.9),
+                     "rejected_reward": pytest.approx(0.1)}]  # q has one usable answer: no pair
 
 
 def test_dpo_stage_reads_the_sft_model_and_the_worlds_pairs(sort_run, tmp_path):

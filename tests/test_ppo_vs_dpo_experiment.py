@@ -1,0 +1,68 @@
+"""experiments/ppo_vs_dpo.py: the verifier's relabelling of the world's pairs (against the
+world's own ideal answers) on the default tier; the whole --quick run on the slow tier."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("ppo_vs_dpo_exp", ROOT / "experiments" / "ppo_vs_dpo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_verifier_relabels_the_other_models_pairs(tmp_path):
+    from lmlab.data.preference import read_preference_jsonl
+    from lmlab.worlds.export import export_world
+    from lmlab.worlds.sort import parse_prompt
+
+    exp = load()
+    export_world("sort", tmp_path / "world", seed=1, n=200)
+    original = read_preference_jsonl(tmp_path / "world" / "preferences_train.jsonl").pairs
+    assert exp.other_model_pairs(tmp_path, "learned_rm") == original  # the RM's pairs, as labelled
+    pairs = exp.other_model_pairs(tmp_path, "verifiable")
+    # The sparse verifier passes exactly the sorted symbols, so a kept pair is the ideal
+    # answer against anything else, whichever side the noisy labeller had put it on.
+    ideal = {p.prompt: parse_prompt(p.prompt).ideal for p in original}
+    expected = [(p.prompt, ideal[p.prompt], p.rejected if p.chosen == ideal[p.prompt] else p.chosen)
+                for p in original if (p.chosen == ideal[p.prompt]) != (p.rejected == ideal[p.prompt])]
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == expected
+    assert 0 < len(pairs) < len(original)
+    assert any(p.rejected == ideal[p.prompt] for p in original)  # some labels were turned round
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_task_method_and_seed(tmp_path):
+    exp = load()
+    assert exp.main(["--quick", "--out", str(tmp_path), "--seeds", "0", "1"]) == 0
+    data = json.loads((tmp_path / "experiment.json").read_text())
+    assert data["schema"] == "lmlab.experiment/1" and data["metrics"] == list(exp.METRICS)
+    rows = data["rows"]
+    assert [(r["seed"], r["task"], r["method"]) for r in rows] == [
+        (seed, task, method) for seed in (0, 1) for task in exp.TASKS for method in exp.METHODS]
+    for r in rows:
+        assert 0 <= r["exact_match"] <= 1 and -1 <= r["gold_dense"] <= 1 and r["seconds"] > 0
+        assert isinstance(r["kl_to_sft"], float) and r["arm"].endswith(exp.LABELS[r["method"]])
+    # Online and DPO policies were written where the table says, and open as models.
+    from lmlab.hub import load_model
+
+    load_model(tmp_path / "seed1" / "learned_rm" / "ppo" / "model")
+    load_model(tmp_path / "seed1" / "verifiable" / "iterative_dpo" / "model")
+    assert (tmp_path / "seed0" / "verifiable" / "sft_dpo" / "sft_first" / "model" / "config.json").is_file()
+    assert [a["arm"] for a in data["summary"]] == [r["arm"] for r in rows[:len(rows) // 2]]
+    assert all(a["n"] == 2 for a in data["summary"])
+    assert data["figures"] == ["gold_by_method.png"] and data["verdict"].startswith("verifiable")
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("| learned RM | ") == 1 + len(exp.METHODS)  # the SFT row and one per method
+    assert (tmp_path / "gold_by_method.png").read_bytes()[:4] == b"\x89PNG"
+    # A rerun with the same settings reuses every arm's cached row.
+    stamp = (tmp_path / "seed0" / "verifiable" / "ppo" / "row.json").stat().st_mtime_ns
+    assert exp.main(["--quick", "--out", str(tmp_path), "--seeds", "0", "--methods", "ppo"]) == 0
+    assert (tmp_path / "seed0" / "verifiable" / "ppo" / "row.json").stat().st_mtime_ns == stamp
