@@ -35,6 +35,7 @@ picks each method's learning rate on validation prompts (seed 0).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -55,15 +56,19 @@ LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "dpo_own": "DPO, own sam
           "iterative_dpo": "iterative DPO"}
 TASK_LABELS = {"verifiable": "verifiable (sparse gold)", "learned_rm": "learned RM"}
 METRICS = ("gold_dense", "exact_match", "kl_to_sft", "seconds")
+# What each task is judged by: the verifier's own pass rate on the verifiable task (exact
+# match = the sparse reward on greedy answers), the true reward a learned RM stands in for.
+TARGET = {"verifiable": "exact_match", "learned_rm": "gold_dense"}
+METRIC_LABELS = {"exact_match": "exact match", "gold_dense": "dense gold reward"}
 
 
 def _default_lrs() -> dict[str, float]:
-    # Chosen by `--tune` (seed 0, validation prompts, the best dense gold reward over
-    # Settings.tune_grid per task and method); the grid's table is in docs/experiments.md.
-    return {"verifiable.ppo": 3e-4, "verifiable.grpo": 1e-4, "verifiable.rloo": 1e-4, "verifiable.dpo_own": 3e-5,
-            "verifiable.dpo_other": 1e-4, "verifiable.sft_dpo": 1e-4, "verifiable.iterative_dpo": 1e-4,
-            "learned_rm.ppo": 3e-5, "learned_rm.grpo": 3e-5, "learned_rm.rloo": 3e-5, "learned_rm.dpo_own": 3e-5,
-            "learned_rm.dpo_other": 3e-5, "learned_rm.sft_dpo": 3e-5, "learned_rm.iterative_dpo": 3e-5}
+    # Chosen by `--tune` (seed 0, validation prompts, `best_lrs` over Settings.tune_grid per
+    # task and method); the grid's table is in docs/experiments.md.
+    return {"verifiable.ppo": 3e-4, "verifiable.grpo": 3e-4, "verifiable.rloo": 3e-4, "verifiable.dpo_own": 1e-4,
+            "verifiable.dpo_other": 1e-5, "verifiable.sft_dpo": 1e-5, "verifiable.iterative_dpo": 1e-4,
+            "learned_rm.ppo": 1e-5, "learned_rm.grpo": 1e-5, "learned_rm.rloo": 1e-5, "learned_rm.dpo_own": 1e-5,
+            "learned_rm.dpo_other": 3e-5, "learned_rm.sft_dpo": 3e-5, "learned_rm.iterative_dpo": 1e-5}
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ class Settings:
     max_new_tokens: int = 16
     eval_n: int = 100
     lrs: dict[str, float] = field(default_factory=_default_lrs)
-    tune_grid: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4)
+    tune_grid: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
     model: str | None = None  # a `model=` override of the ppo-base recipe (None: its 0.8M model)
     vocab: int | None = None
 
@@ -286,7 +291,8 @@ def arm_settings(s: Settings, method: str) -> dict:
 def run_arm(ctx: Context, task: str, method: str, seed: int, lr: float, where: Path, prompts: list[str]) -> dict:
     """One (task, method, seed) row, cached in `where/row.json` (reused only with the same
     settings); an interrupted arm is rerun from scratch."""
-    key = {"settings": arm_settings(ctx.s, method), "lr": lr, "n_prompts": len(prompts)}
+    key = {"settings": arm_settings(ctx.s, method), "lr": lr,
+           "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
     cache = where / "row.json"
     if cache.is_file():
         saved = read_json(cache, "")
@@ -356,7 +362,7 @@ def plot(rows: list[dict], sft: dict, out: Path) -> Path:
             lo = min([r[key] for r in rows if r["task"] == task] + [sft[key]])
             ax.set_ylim(max(0.0, lo - 0.05), 1.0 if key == "exact_match" else max(1.0, lo + 0.1))
             ax.set_title(f"{TASK_LABELS[task]}: {name}", fontsize=10)
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="best")
             ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = out / "gold_by_method.png"
@@ -384,22 +390,24 @@ def budget_text(s: Settings) -> str:
 
 
 def verdict(rows: list[dict], sft: dict) -> str:
-    """PPO against the best of the DPO family and the best online method, per task, in
-    mean gold reward over seeds (a gap under the larger seed std is called a tie)."""
+    """Per task, in its target metric (TARGET) averaged over seeds: PPO against the best of
+    the DPO family, and the best online method if it is not PPO (a gap no larger than the
+    larger of the two seed stds is called a tie)."""
     parts = []
     for task in TASKS:
+        key = TARGET[task]
         stats = {}
         for method in METHODS:
-            vals = [r["gold_dense"] for r in rows if r["task"] == task and r["method"] == method]
+            vals = [r[key] for r in rows if r["task"] == task and r["method"] == method]
             if vals:
                 stats[method] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
         if "ppo" not in stats:
             continue
         dpo = [m for m in stats if m not in ("ppo", "grpo", "rloo")]
-        best = max(dpo, key=lambda m: stats[m][0]) if dpo else None
         ppo = stats["ppo"]
-        text = f"{TASK_LABELS[task]}: PPO {ppo[0]:.3f} (SFT {sft['gold_dense']:.3f})"
-        if best:
+        text = f"{TASK_LABELS[task]}, {METRIC_LABELS[key]}: PPO {ppo[0]:.3f} (SFT {sft[key]:.3f})"
+        if dpo:
+            best = max(dpo, key=lambda m: stats[m][0])
             gap = ppo[0] - stats[best][0]
             call = ("tie within the seed spread" if abs(gap) <= max(ppo[1], stats[best][1])
                     else "PPO ahead" if gap > 0 else "DPO family ahead")
@@ -408,7 +416,19 @@ def verdict(rows: list[dict], sft: dict) -> str:
         if online != "ppo":
             text += f"; best online method {LABELS[online]} {stats[online][0]:.3f}"
         parts.append(text)
-    return "; ".join(parts) + " (mean dense gold reward over seeds)."
+    return "; ".join(parts) + " (means over seeds)."
+
+
+def best_lrs(tune_rows: list[dict]) -> dict[str, float]:
+    """Per task and method, the learning rate with the best validation target metric
+    (ties: the better dense gold reward, then the smaller rate)."""
+    best: dict[str, dict] = {}
+    for r in tune_rows:
+        k = f"{r['task']}.{r['method']}"
+        score = (r[TARGET[r["task"]]], r["gold_dense"], -r["lr"])
+        if k not in best or score > best[k]["score"]:
+            best[k] = {"score": score, "lr": r["lr"]}
+    return {k: v["lr"] for k, v in best.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -457,7 +477,11 @@ def tune(ctx: Context, out: Path) -> list[dict]:
                 r = next(r for r in rows if r["task"] == task and r["method"] == method and r["lr"] == lr)
                 cells.append(f"{r['gold_dense']:.3f} / {r['exact_match']:.2f} / {r['kl_to_sft']:.2f}")
             lines.append(f"| {TASK_LABELS[task]} | {LABELS[method]} | " + " | ".join(cells) + " |")
-    write_json_atomic(out / "tune.json", rows)
+    chosen = best_lrs(rows)
+    lines += ["", "Chosen (best validation " + ", ".join(f"{METRIC_LABELS[TARGET[t]]} on {TASK_LABELS[t]}"
+                                                      for t in TASKS) + "): "
+              + ", ".join(f"{k} {v:g}" for k, v in chosen.items())]
+    write_json_atomic(out / "tune.json", {"rows": rows, "chosen": chosen})
     write_text_atomic(out / "tune.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows

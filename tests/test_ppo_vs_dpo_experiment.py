@@ -66,3 +66,26 @@ def test_quick_run_writes_every_task_method_and_seed(tmp_path):
     stamp = (tmp_path / "seed0" / "verifiable" / "ppo" / "row.json").stat().st_mtime_ns
     assert exp.main(["--quick", "--out", str(tmp_path), "--seeds", "0", "--methods", "ppo"]) == 0
     assert (tmp_path / "seed0" / "verifiable" / "ppo" / "row.json").stat().st_mtime_ns == stamp
+
+
+def test_verdict_and_learning_rate_choice_by_hand():
+    exp = load()
+    # The verifiable task is judged by exact match, the learned-RM task by the dense gold reward.
+    rows = [{"task": "verifiable", "method": m, "exact_match": g, "gold_dense": 0.0} for m, gs in
+            (("ppo", (0.9, 0.92)), ("grpo", (0.95, 0.95)), ("dpo_own", (0.80, 0.84)), ("iterative_dpo", (0.85, 0.85)))
+            for g in gs]
+    rows += [{"task": "learned_rm", "method": m, "gold_dense": g, "exact_match": 1.0} for m, gs in
+             (("ppo", (0.70, 0.80)), ("dpo_other", (0.76, 0.76))) for g in gs]
+    text = exp.verdict(rows, {"gold_dense": 0.8, "exact_match": 0.5})
+    # verifiable: PPO 0.91 vs iterative DPO 0.85, a gap of 0.06 > the larger std (0.0283);
+    # learned RM: 0.75 vs 0.76, a gap of 0.01 < PPO's std 0.0707.
+    assert text == ("verifiable (sparse gold), exact match: PPO 0.910 (SFT 0.500) vs best DPO-family iterative DPO "
+                    "0.850: PPO ahead; best online method GRPO 0.950; learned RM, dense gold reward: PPO 0.750 (SFT "
+                    "0.800) vs best DPO-family DPO, other model's pairs 0.760: tie within the seed spread (means over "
+                    "seeds).")
+    tune = [{"task": "verifiable", "method": "ppo", "lr": lr, "exact_match": em, "gold_dense": g}
+            for lr, em, g in ((1e-5, 0.5, 0.9), (1e-4, 0.6, 0.8), (3e-4, 0.6, 0.85), (1e-3, 0.6, 0.85))]
+    tune += [{"task": "learned_rm", "method": "ppo", "lr": lr, "exact_match": em, "gold_dense": g}
+             for lr, em, g in ((1e-5, 0.1, 0.9), (1e-4, 0.6, 0.8))]
+    # exact match ties at 0.6, then dense gold ties at 0.85: the smaller rate; the RM task by gold.
+    assert exp.best_lrs(tune) == {"verifiable.ppo": 3e-4, "learned_rm.ppo": 1e-5}
