@@ -80,7 +80,7 @@ def test_verdict_and_learning_rate_choice_by_hand():
     # verifiable: PPO 0.91 vs iterative DPO 0.85, a gap of 0.06 > the larger std (0.0283);
     # learned RM: 0.75 vs 0.76, a gap of 0.01 < PPO's std 0.0707.
     assert text == ("verifiable (sparse gold), exact match: PPO 0.910 (SFT 0.500) vs best DPO-family iterative DPO "
-                    "0.850: PPO ahead; best online method GRPO 0.950; learned RM, dense gold reward: PPO 0.750 (SFT "
+                    "0.850: PPO ahead; GRPO ahead of PPO (0.950); learned RM, dense gold reward: PPO 0.750 (SFT "
                     "0.800) vs best DPO-family DPO, other model's pairs 0.760: tie within the seed spread (means over "
                     "seeds).")
     tune = [{"task": "verifiable", "method": "ppo", "lr": lr, "exact_match": em, "gold_dense": g}
