@@ -164,8 +164,10 @@ def verdict(results: list[dict]) -> str:
     said = (f"proxy (α=1) {proxy:.3f} vs large base {base:.3f} mean exact match, ahead in {beats} of {n} "
             f"seed{'s' * (n != 1)}")
     if gaps:
-        said += (f"; gap closed {', '.join(f'{g:.0%}' for g in gaps)} (mean {sum(gaps) / len(gaps):.0%}; "
-                 f"paper {PAPER_GAP:.0%})")
+        each = ", ".join("n/a" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}" for r in results)
+        said += (f"; gap closed {each} (mean {sum(gaps) / len(gaps):.0%}; paper {PAPER_GAP:.0%}; n/a: the tuned "
+                 "large model is not ahead of its base in that seed)" if len(gaps) < n else
+                 f"; gap closed {each} (mean {sum(gaps) / len(gaps):.0%}; paper {PAPER_GAP:.0%})")
     else:
         said += "; the tuned large model is not ahead of its base in any seed, so no gap to close"
     if beats <= n / 2:
