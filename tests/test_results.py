@@ -100,3 +100,15 @@ def test_command_line_is_rebuilt_from_the_arguments(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["x.py", "moe"])
     assert command_line(script) == "python experiments/x.py moe"
     assert command_line("/elsewhere/y.py", []) == "python /elsewhere/y.py"
+
+
+def test_unified_rows_do_not_enter_the_proxy_tuning_section_twice(tmp_path):
+    """experiment.json's rows carry a gap_closed per alpha; the proxy-tuning section reads the
+    experiment's own per-seed records (results.json) only, so its mean stays theirs."""
+    (tmp_path / "results.json").write_text(json.dumps([{"seed": 0, "large": 0.1, "large-tuned": 0.3,
+                                                        "proxy": {"1.0": 0.2}, "gap_closed": 0.5}]))
+    write_results(tmp_path, name="proxy", title="Proxy", claim=CLAIM, command="c", metrics=["exact_match", "gap_closed"],
+                  rows=[{"arm": "proxy α=1", "seed": 0, "exact_match": 0.2, "gap_closed": 0.5},
+                        {"arm": "proxy α=2", "seed": 0, "exact_match": 0.3, "gap_closed": 1.0}], verdict="v")
+    html = build_report(tmp_path).read_text()
+    assert "Gap closed: 50%</strong> (mean of 1: 50%)" in html
