@@ -133,6 +133,24 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> tu
     return recipe, merged
 
 
+def with_precision(value: Any, precision: str) -> Any:
+    """`value` (the recipe, or any settings dataclass in it) with every `precision` setting
+    replaced: `lmlab run --precision float32` runs each stage as an AVX2-only CPU would."""
+    from lmlab.precision import parse
+
+    parse(precision)  # refuse an unknown name before anything changes
+    if not dataclasses.is_dataclass(value):
+        return value
+    changes = {}
+    for f in dataclasses.fields(value):
+        current = getattr(value, f.name)
+        if f.name == "precision" and isinstance(current, str):
+            changes[f.name] = precision
+        elif dataclasses.is_dataclass(current):
+            changes[f.name] = with_precision(current, precision)
+    return dataclasses.replace(value, **changes) if changes else value
+
+
 def check_order(recipe: Recipe) -> None:
     """Refuse a recipe whose stage names, by a run-relative path, a stage listed after it."""
     for k, name in enumerate(recipe.stages):

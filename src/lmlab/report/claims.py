@@ -215,7 +215,7 @@ POLICY_COLUMNS = {
     "gold (exact)": ("gold_sparse", "gold_reward_sparse"),
     "exact match": ("exact_match",),
     "KL to SFT": ("kl_to_sft",),
-    "win rate": ("win_rate",),
+    "win rate vs SFT": ("win_rate_vs_sft", "win_rate"),
 }
 
 
