@@ -148,3 +148,14 @@ def test_precision_flag_reaches_every_stage():
                                      "recipe.proxy.train", "recipe.dpo.train"}
     with pytest.raises(LmlabError):
         with_precision(recipe, "float8")
+
+
+def test_report_shows_every_policy_of_the_chain(chain_run):
+    from lmlab.report import build_report
+
+    run, _ = chain_run
+    html = build_report(run).read_text()
+    assert "greedy answers of each policy" in html
+    for name in ("rejection", "ppo", "dpo"):
+        assert f"<th>{name}</th>" in html
+    assert "win rate vs SFT" in html
