@@ -7,8 +7,9 @@ lmlab.hub; each contestant has its own copy) on SortWorld prompts with the world
 gold reward:
 - ours: `Rollouts` + `GRPO` through the one training loop (`lmlab.train.loop.train`), timed
   per step from its own metrics log (elapsed_s; generation from the rollout's gen_s);
-- trl-default: `GRPOTrainer` with TRL's defaults except float32 (bf16=False), timed from
-  the trainer's step callbacks; its defaults include gradient_checkpointing=True;
+- trl-default: `GRPOTrainer` with TRL's defaults except the precision (float32 unless
+  `--precision bf16`, TRL's own default), timed from the trainer's step callbacks; its
+  defaults include gradient_checkpointing=True;
 - trl-no-gc: the same with gradient_checkpointing=False (faster on this small model).
 The settings both sides share are TRL's defaults: beta 0 (no reference model, no KL),
 num_iterations 1 (one update per rollout, so TRL computes no old log-probs and neither do
@@ -23,6 +24,7 @@ a warm-up and is dropped (optimizer state, data loader); the median of the rest 
     PYTHONPATH=src python bench/rl.py --threads 1              # 3 rounds x 3 steps
     PYTHONPATH=src python bench/rl.py --threads 1 --quick      # 1 round x 2 steps
     PYTHONPATH=src python bench/rl.py --threads 1 --profile    # + a torch profile of ours
+    PYTHONPATH=src python bench/rl.py --threads 1 --precision bf16   # both sides bf16 autocast
 """
 from __future__ import annotations
 
@@ -100,10 +102,11 @@ class GoldText:
 class Ours:
     """`Rollouts` + `GRPO` in the one loop; each `run` is one `train()` call of `steps` steps."""
 
-    def __init__(self, model, tok, prompts, out: Path) -> None:
-        self.model, self.tok, self.prompts, self.out = model, tok, prompts, out
+    def __init__(self, model, tok, prompts, out: Path, precision: str = "float32") -> None:
+        self.model, self.tok, self.prompts, self.out, self.precision = model, tok, prompts, out, precision
         self.rounds = 0
         self.gen_share: list[float] = []
+        self.phases: list[dict[str, float]] = []  # per timed step: generate, rest of the rollout, update
 
     def _parts(self, steps: int):
         from lmlab.train.config import TrainConfig
@@ -116,7 +119,7 @@ class Ours:
                          group_size=GROUP, max_new_tokens=NEW_TOKENS)
         source = Rollouts(self.model, self.tok, self.prompts, GoldText(), rollout, objective, template="none")
         cfg = TrainConfig(steps=steps, batch_size=PROMPTS * GROUP, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8,
-                          weight_decay=0.0, grad_clip=1.0, schedule="constant", precision="float32",
+                          weight_decay=0.0, grad_clip=1.0, schedule="constant", precision=self.precision,
                           progress=False, log_every=1, keep_checkpoints=1)
         return objective, source, cfg
 
@@ -132,6 +135,8 @@ class Ours:
         elapsed = [0.0] + [r["elapsed_s"] for r in rows]
         times = [b - a for a, b in zip(elapsed, elapsed[1:])]
         self.gen_share += [r["gen_s"] / t for r, t in zip(rows[1:], times[1:])]
+        self.phases += [{"generate": r["gen_s"], "score": r["rollout_s"] - r["gen_s"], "update": t - r["rollout_s"]}
+                        for r, t in zip(rows[1:], times[1:])]
         return times[1:]  # the first step of a train() call is a warm-up (optimizer state)
 
 
@@ -140,7 +145,8 @@ class Ours:
 class Trl:
     """One `GRPOTrainer`; each `run` is one `train()` call of `steps` steps."""
 
-    def __init__(self, model, tok, prompts, out: Path, gradient_checkpointing: bool | None) -> None:
+    def __init__(self, model, tok, prompts, out: Path, gradient_checkpointing: bool | None,
+                 bf16: bool = False) -> None:
         import datasets
         import transformers
         from trl import GRPOConfig as TRLConfig, GRPOTrainer
@@ -151,7 +157,7 @@ class Trl:
         args = TRLConfig(output_dir=str(out), per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
                          max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
                          loss_type="dapo", num_iterations=1, learning_rate=LR, max_steps=1, use_cpu=True,
-                         bf16=False, report_to="none", save_strategy="no", logging_steps=10_000,
+                         bf16=bf16, report_to="none", save_strategy="no", logging_steps=10_000,
                          disable_tqdm=True, seed=0, lr_scheduler_type="constant", dataloader_num_workers=0, **extra)
         self.gradient_checkpointing = args.gradient_checkpointing
         self.times: list[float] = []
@@ -204,6 +210,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps per contestant per round (the first is dropped)")
     ap.add_argument("--quick", action="store_true", help="1 round of 2 steps (1 timed each)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--precision", choices=("float32", "bf16"), default="float32",
+                    help="both sides: float32 (TRL bf16=False) or bf16 autocast (TRL's default bf16=True; "
+                         "ours train.precision bf16)")
     ap.add_argument("--profile", action="store_true", help="also print a torch profile of our iteration")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -218,33 +227,40 @@ def main() -> None:
         tmp = Path(d)
         hf, hf_tok, ours_model, ours_tok, prompts = build(tmp)
         params = sum(p.numel() for p in ours_model.parameters())
-        runners = {"ours": Ours(ours_model, ours_tok, prompts, tmp / "ours"),
-                   "trl-default": Trl(hf, hf_tok, prompts, tmp / "trl-default", None),
-                   "trl-no-gc": Trl(copy.deepcopy(hf), hf_tok, prompts, tmp / "trl-no-gc", False)}
+        bf16 = args.precision == "bf16"
+        runners = {"ours": Ours(ours_model, ours_tok, prompts, tmp / "ours", args.precision),
+                   "trl-default": Trl(hf, hf_tok, prompts, tmp / "trl-default", None, bf16),
+                   "trl-no-gc": Trl(copy.deepcopy(hf), hf_tok, prompts, tmp / "trl-no-gc", False, bf16)}
         times: dict[str, list[float]] = {name: [] for name in NAMES}
         for r in range(args.rounds):
             order = NAMES[r % len(NAMES):] + NAMES[:r % len(NAMES)]
             for name in order:
                 times[name] += runners[name].run(args.steps)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        share = {name: statistics.median(r.gen_share) for name, r in runners.items()}
+        phases = {k: statistics.median(p[k] for p in runners["ours"].phases) for k in ("generate", "score", "update")}
         if args.profile:
             profile_ours(runners["ours"])
-    med = {name: statistics.median(t) for name, t in times.items()}
-    share = {name: statistics.median(r.gen_share) for name, r in runners.items()}
     result = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "params": params,
+              "precision": args.precision,
               "prompts": PROMPTS, "group_size": GROUP, "new_tokens": NEW_TOKENS, "rounds": args.rounds,
               "steps_per_round": args.steps, "median_s": med, "generate_share": share,
               "speedup_vs_trl_default": med["trl-default"] / med["ours"],
               "speedup_vs_trl_no_gc": med["trl-no-gc"] / med["ours"], "all_s": times,
-              "trl_default_gradient_checkpointing": runners["trl-default"].gradient_checkpointing}
+              "trl_default_gradient_checkpointing": runners["trl-default"].gradient_checkpointing,
+              "ours_phases_s": phases}
     print(f"CPU: {result['cpu']} ({result['threads']} torch threads), torch {torch.__version__}; "
-          f"model {params / 1e6:.2f}M parameters")
+          f"model {params / 1e6:.2f}M parameters, {args.precision}")
     print(f"GRPO iteration ({PROMPTS} prompts x {GROUP}, {NEW_TOKENS} new tokens), {args.rounds} interleaved "
           f"rounds x {args.steps - 1} timed steps:")
     print("\n| contestant | s / iteration (median) | iterations timed | share generating |")
     print("|---|---:|---:|---:|")
     for name in NAMES:
         print(f"| {name} | {med[name]:.2f} | {len(times[name])} | {100 * share[name]:.0f}% |")
-    print(f"\nspeed-up: {result['speedup_vs_trl_default']:.2f}x vs TRL default (gradient checkpointing on), "
+    ph = result["ours_phases_s"]
+    print(f"\nours, median s: generate {ph['generate']:.2f}, rest of the rollout (decode, reward, layout) "
+          f"{ph['score']:.2f}, update (forward, backward, optimizer) {ph['update']:.2f}")
+    print(f"speed-up: {result['speedup_vs_trl_default']:.2f}x vs TRL default (gradient checkpointing on), "
           f"{result['speedup_vs_trl_no_gc']:.2f}x vs TRL without gradient checkpointing  "
           f"({time.perf_counter() - t_start:.0f} s)")
     if args.json:
