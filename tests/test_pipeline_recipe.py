@@ -157,8 +157,10 @@ def test_failed_stage_keeps_finished_ones_and_resume_continues(tmp_path, tiny, m
 
     real = world.run
     monkeypatch.setattr(world, "run", broken)
-    with pytest.raises(LmlabError, match="on purpose"):
-        run_pipeline(recipe, run, raw=raw, echo=quiet)
+    lines = []
+    with pytest.raises(LmlabError, match="stage 'world': .*on purpose"):
+        run_pipeline(recipe, run, raw=raw, echo=lines.append)
+    assert "stage 'world' failed" in lines[-1] and "--resume" in lines[-1]
     done = {p.parent.name for p in run.glob(f"*/{MARKER}")}
     assert done == {"tokenizer", "shards", "pretrain", "sample"}
     monkeypatch.setattr(world, "run", real)

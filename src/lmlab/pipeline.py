@@ -391,7 +391,15 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
         else:
             echo(header + (" (continuing)" if out.exists() else ""))
         t = time.perf_counter()
-        stage_module(name).run(StageContext(name, run_dir, recipe, resume=not fresh, echo=echo))
+        try:
+            stage_module(name).run(StageContext(name, run_dir, recipe, resume=not fresh, echo=echo))
+        except BaseException as e:
+            kept = ", ".join(result.ran + result.skipped) or "none"
+            echo(f"== stage {name!r} failed after {time.perf_counter() - t:.1f} s; completed stages kept: {kept}. "
+                 f"After fixing the cause, `lmlab run --resume --run-dir {run_dir}` continues from {name!r}")
+            if isinstance(e, LmlabError) and type(e) is LmlabError:
+                raise LmlabError(f"stage {name!r}: {e}") from None
+            raise
         seconds = time.perf_counter() - t
         write_json_atomic(out / MARKER, {"stage": name, "hash": hashes[name], "seconds": round(seconds, 2),
                                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
