@@ -23,7 +23,8 @@ Per seed:
    EMA reference (the anchor stays the SFT policy, as in KL-regularised RLHF);
 5. judged on the world's held-out prompts by the gold reward: the win rate of each WARM
    policy against the single-RM policy (`lmlab.eval.win_rate`, ties count half), greedy and
-   sampled at temperature 1; and the gold-vs-proxy curve over PPO's rollouts (the
+   sampled at temperature 1, after the last rollout (the headline) and at every
+   `win_every`-th rollout's checkpoint (the win rate over training); and the gold-vs-proxy curve over PPO's rollouts (the
    `reward` and `gold` columns of each run's metrics.jsonl: reward hacking is the proxy
    rising while the gold reward stalls or falls).
 
@@ -70,12 +71,13 @@ class Settings:
     empty_score: float = -2.0  # a reward model cannot read an empty answer: it gets this score
     eval_n: int = 120  # held-out prompts
     win_samples: int = 4  # sampled answers per held-out prompt for the sampled win rate
+    win_every: int = 20  # PPO keeps a checkpoint every this many rollouts: the win rate over training
     smooth: int = 5  # rollouts in the plot's moving average
 
 
 QUICK = Settings(world_n=40, vocab=300, pretrain_steps=4, sft_steps=4, sft_checkpoint_every=2, policy_step=2,
-                 probe_steps=3, rm_steps=3, rm_batch=4, members=2, iterations=3, rollout_prompts=4, group_size=2,
-                 max_new_tokens=8, eval_n=8, win_samples=2, smooth=2)
+                 probe_steps=3, rm_steps=3, rm_batch=4, members=2, iterations=4, rollout_prompts=4, group_size=2,
+                 max_new_tokens=8, eval_n=8, win_samples=2, win_every=2, smooth=2)
 
 ARMS = {"single": "single best RM", "warm": "WARM", "baklava": "Baklava WARM"}
 CLAIM = "a policy RL-trained against WARM wins 79.4% of gold-reward comparisons against one trained against a single RM"
@@ -199,7 +201,7 @@ def ppo_config(run: Path, reward_dir: str, seed: int, s: Settings):
         reward=RewardSpec(kind="model", paths=(reward_dir,), batch_size=256),
         ppo=replace(PPOConfig(), ema=False, kl_coef=s.kl_coef))
     return replace(base, train=replace(base.train, lr=s.ppo_lr, seed=seed, progress=False, precision="float32",
-                                       log_every=1))
+                                       log_every=1, checkpoint_every=s.win_every, keep_checkpoints=0))
 
 
 def policy_dir(run: Path, s: Settings) -> Path:
@@ -256,8 +258,15 @@ def compute_seed(seed: int, out: Path, s: Settings, log) -> dict:
     wins = {arm: win_rates(out / f"ppo-{arm}" / "model", out / "ppo-single" / "model", prompts, seed, s)
             for arm in arms if arm != "single"}
     for arm, w in wins.items():
+        w["over_training"] = []
+        for step in range(s.win_every, s.iterations + 1, s.win_every):
+            at = [out / f"ppo-{a}" / "checkpoints" / f"step-{step}" for a in (arm, "single")]
+            both = win_rates(*at, prompts, seed, s)
+            w["over_training"].append({"iteration": step, "greedy": both["greedy"]["win_rate"],
+                                       "sampled": both["sampled"]["win_rate"]})
         log(f"  {ARMS[arm]} policy vs single-RM policy: gold win rate {w['greedy']['win_rate']:.3f} greedy, "
-            f"{w['sampled']['win_rate']:.3f} sampled")
+            f"{w['sampled']['win_rate']:.3f} sampled; over training (greedy) "
+            + ", ".join(f"{p['iteration']}: {p['greedy']:.3f}" for p in w["over_training"]))
     return {"seed": seed, "rewards": rms, "arms": arms, "win_rates": wins, "seconds": time.perf_counter() - t0}
 
 
@@ -321,7 +330,7 @@ def plot(results: list[dict], s: Settings, out: Path) -> Path:
 
     colours = {"single": "tab:red", "warm": "tab:blue", "baklava": "tab:green"}
     arms = [k for k in ARMS if k in results[0]["arms"]]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for arm in arms:
         curves = [r["arms"][arm]["curve"] for r in results]
         its = [p["iteration"] for p in curves[0]]
@@ -337,6 +346,19 @@ def plot(results: list[dict], s: Settings, out: Path) -> Path:
         for c in curves:
             axes[2].plot([p["kl"] for p in c], smooth([p["gold"] for p in c], s.smooth), color=colours[arm],
                          alpha=0.6, lw=1, label=f"PPO vs {ARMS[arm]}" if c is curves[0] else None)
+    for arm in arms[1:]:
+        curves = [r["win_rates"][arm]["over_training"] for r in results]
+        its = [p["iteration"] for p in curves[0]]
+        for c in curves:
+            axes[3].plot(its, [p["greedy"] for p in c], "o-", color=colours[arm], alpha=0.25, lw=0.8)
+        for key, style in (("greedy", "o-"), ("sampled", "s--")):
+            axes[3].plot(its, [statistics.fmean(col) for col in zip(*[[p[key] for p in c] for c in curves])],
+                         style, color=colours[arm], lw=2, label=f"{ARMS[arm]} vs single RM ({key})")
+    axes[3].axhline(0.794, color="k", ls=":", lw=1, label="paper: 0.794")
+    axes[3].axhline(0.5, color="grey", lw=0.5)
+    axes[3].set_title("gold win rate against the single-RM policy")
+    axes[3].set_xlabel("PPO iteration (rollout)")
+    axes[3].set_ylim(0, 1)
     axes[0].set_title("gold reward of the rollouts (dense)")
     axes[1].set_title("proxy reward (the RM PPO maximises), minus its first value")
     axes[2].set_title("gold reward vs KL to the start policy")
@@ -356,14 +378,23 @@ def plot(results: list[dict], s: Settings, out: Path) -> Path:
 
 
 def verdict(rows: list[dict]) -> str:
-    wins = [r["win_rate_vs_single"] for r in rows if r["arm"] == ARMS["warm"]]
-    sampled = [r["win_rate_vs_single_sampled"] for r in rows if r["arm"] == ARMS["warm"]]
-    mean, smean = statistics.fmean(wins), statistics.fmean(sampled)
-    word = "reproduced" if mean >= 0.6 and smean >= 0.6 else "partly reproduced" if mean > 0.5 or smean > 0.5 \
-        else "not reproduced"
-    return (f"{word}: the WARM policy's gold win rate against the single-RM policy is {mean:.3f} greedy and "
-            f"{smean:.3f} sampled (mean of {len(wins)} seeds: {', '.join(f'{w:.3f}' for w in wins)} greedy) "
-            "vs the paper's 0.794")
+    """The claim judged on the per-seed greedy and sampled win rates of the WARM arm: a
+    direction counts only where the mean is 2 standard errors (over seeds) from 1/2."""
+    def summary(key: str) -> tuple[float, float, list[float]]:
+        vals = [r[key] for r in rows if r["arm"] == ARMS["warm"]]
+        sem = statistics.stdev(vals) / len(vals) ** 0.5 if len(vals) > 1 else float("inf")
+        return statistics.fmean(vals), sem, vals
+
+    (g, g_sem, gs), (m, m_sem, _) = summary("win_rate_vs_single"), summary("win_rate_vs_single_sampled")
+    if g - 2 * g_sem > 0.5 and m - 2 * m_sem > 0.5:
+        word = "reproduced" if g + 2 * g_sem >= 0.794 else "direction reproduced, smaller than the paper's"
+    elif g + 2 * g_sem < 0.5 and m + 2 * m_sem < 0.5:
+        word = "reversed"
+    else:
+        word = "not reproduced (no consistent winner)"
+    return (f"{word}: the WARM policy's gold win rate against the single-RM policy is {g:.3f} ± {g_sem:.3f} greedy "
+            f"and {m:.3f} ± {m_sem:.3f} sampled (mean ± standard error over {len(gs)} seeds; greedy per seed "
+            f"{', '.join(f'{w:.3f}' for w in gs)}) vs the paper's 0.794")
 
 
 def write_report(out: Path, results: list[dict], s: Settings, command: str, figure: Path) -> None:

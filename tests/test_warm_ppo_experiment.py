@@ -21,10 +21,21 @@ def load():
     return module
 
 
-def test_smoothing_and_tail_by_hand():
+def test_smoothing_tail_and_verdict_by_hand():
     exp = load()
     assert exp.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert exp.tail_mean([1.0, 2.0, 3.0, 5.0], 2) == 4.0
+
+    def rows(greedy, sampled):
+        return [{"arm": "WARM", "seed": i, "win_rate_vs_single": g, "win_rate_vs_single_sampled": m}
+                for i, (g, m) in enumerate(zip(greedy, sampled))]
+
+    # 0.6, 0.7, 0.8: mean 0.7, standard error 0.1 / sqrt(3) = 0.0577: 0.7 - 0.115 > 0.5 but
+    # 0.7 + 0.115 > 0.794 too, so the paper's value is within reach.
+    assert exp.verdict(rows([0.6, 0.7, 0.8], [0.6, 0.7, 0.8])).startswith("reproduced: ")
+    assert exp.verdict(rows([0.6, 0.62, 0.64], [0.6, 0.62, 0.64])).startswith("direction reproduced")
+    assert exp.verdict(rows([0.608, 0.308, 0.512], [0.6, 0.6, 0.6])).startswith("not reproduced")
+    assert exp.verdict(rows([0.3, 0.32, 0.34], [0.3, 0.32, 0.34])).startswith("reversed")
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +52,17 @@ def test_quick_run_writes_every_arm_and_seed(quick):
     (r,) = data["results"]
     assert set(r["arms"]) == {"single", "warm", "baklava"} and set(r["win_rates"]) == {"warm", "baklava"}
     for arm in r["arms"].values():
-        assert [p["iteration"] for p in arm["curve"]] == [1, 2, 3]  # one optimizer step per rollout
+        assert [p["iteration"] for p in arm["curve"]] == [1, 2, 3, 4]  # one optimizer step per rollout
         assert all(isinstance(p["gold"], float) and isinstance(p["proxy"], float) for p in arm["curve"])
     # One start policy, one rollout seed: the first rollout is the same samples in every arm,
     # so its gold reward is the same (the proxies differ: other reward models).
     firsts = {arm: a["curve"][0] for arm, a in r["arms"].items()}
     assert len({round(p["gold"], 9) for p in firsts.values()}) == 1
     assert len({a["before"]["gold_dense"] for a in r["arms"].values()}) == 1
+    for w in r["win_rates"].values():  # the last checkpoint is the final policy
+        assert [p["iteration"] for p in w["over_training"]] == [2, 4]
+        assert w["over_training"][-1]["greedy"] == w["greedy"]["win_rate"]
+        assert w["over_training"][-1]["sampled"] == w["sampled"]["win_rate"]
     assert r["rewards"]["baklava"]["starts"] == ["step-2", "step-4"]  # QUICK: 2 members, checkpoints 2 and 4
     assert (out / "warm_ppo.png").read_bytes()[:4] == b"\x89PNG"
     rows = exp.rows_of(data["results"], exp.QUICK)
