@@ -398,16 +398,16 @@ def verdict(rows: list[dict]) -> str:
 
 
 def write_report(out: Path, results: list[dict], s: Settings, command: str, figure: Path) -> None:
+    from lmlab.report.results import Claim, write_results
+
     rows = rows_of(results, s)
-    try:
-        from lmlab.report.results import Claim, write_results
-    except ImportError:  # TEMPORARY until lmlab.report.results lands on main
-        write_json_atomic(out / "rows.json", {"command": command, "rows": rows, "verdict": verdict(rows)})
-        return
+    over = {f"{ARMS[arm]} vs {ARMS['single']}": {r["seed"]: r["win_rates"][arm]["over_training"] for r in results}
+            for arm in ARMS if arm != "single" and arm in results[0]["win_rates"]}
     write_results(out, name="warm-ppo", title="PPO against WARM vs against the best single RM (25% flipped labels)",
                   claim=Claim(source="Ramé et al. 2024 (WARM)", statement=CLAIM, paper_figure="79.4% win rate"),
                   command=command, metrics=METRICS + ["seconds"], rows=rows, verdict=verdict(rows),
-                  notes=notes(s), figures=[figure.name])
+                  notes=notes(s), figures=[figure.name],
+                  extra={"win_rate_over_training": over, "settings": asdict(s)})
 
 
 def notes(s: Settings) -> str:

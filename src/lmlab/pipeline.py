@@ -91,13 +91,32 @@ Recipe = dataclasses.make_dataclass(
 Recipe.__module__ = __name__
 Recipe.__doc__ = "A run's settings: shared sections plus one section per configurable stage."
 SECTIONS = {"data": DataConfig, "train": TrainConfig, **{s: cls for s, (cls, _) in _stage_sections().items()}}
-DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
+RECIPES = Path(__file__).parent / "recipes"
+DEFAULT_RECIPE = RECIPES / "default.yaml"
+
+
+def packaged_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(path: str | Path | None) -> Path:
+    """A recipe file, or the name of a packaged one (`default`, `quick`, `llama3-chain`, ...)."""
+    if path is None:
+        return DEFAULT_RECIPE
+    p = Path(path)
+    if not p.exists() and p.suffix == "" and p.name == str(path) and (RECIPES / f"{p.name}.yaml").is_file():
+        return RECIPES / f"{p.name}.yaml"
+    if not p.exists() and p.suffix == "" and p.name == str(path):
+        raise LmlabError(f"no recipe file {path!r} and no packaged recipe of that name; packaged: "
+                         f"{', '.join(packaged_recipes())} (or give a .yaml path)")
+    return p
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> tuple[Recipe, dict]:
-    """The recipe at `path` (default: the packaged default) with `--set` overrides applied;
-    returns the frozen recipe and the merged mapping (saved into the run directory)."""
-    raw = load_yaml(path or DEFAULT_RECIPE)
+    """The recipe at `path` (a file, or a packaged recipe's name; default: the packaged
+    default) with `--set` overrides applied; returns the frozen recipe and the merged mapping
+    (saved into the run directory)."""
+    raw = load_yaml(recipe_path(path))
     merged = apply_overrides(raw, list(overrides), SECTIONS)
     if "model" in merged and isinstance(merged["model"], Mapping):
         from lmlab.config import ModelConfig, _unknown_key_error
@@ -110,7 +129,19 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> tu
     unknown = [n for n in recipe.stages if n not in STAGE_MODULES]
     if unknown:
         raise LmlabError(f"unknown pipeline stage(s) {unknown}; known: {', '.join(STAGE_MODULES)}")
+    check_order(recipe)
     return recipe, merged
+
+
+def check_order(recipe: Recipe) -> None:
+    """Refuse a recipe whose stage names, by a run-relative path, a stage listed after it."""
+    for k, name in enumerate(recipe.stages):
+        mod = stage_module(name)
+        named = [n for s in mod.SECTIONS for n in run_references(getattr(recipe, s), recipe.stages)]
+        later = [n for n in named if n in recipe.stages[k + 1:]]
+        if later:
+            raise LmlabError(f"stage {name!r} reads the outputs of {', '.join(map(repr, later))}, listed after it in "
+                             f"`stages:`; move {name!r} after {later[-1]!r}")
 
 
 @dataclass
@@ -151,10 +182,36 @@ def _strip(value: Any) -> Any:
     return value
 
 
+def run_references(value: Any, stages: tuple[str, ...]) -> list[str]:
+    """The stages a section's settings name by a path inside the run, in first-seen order:
+    `ppo.policy: rejection/model` or `ppo.reward.paths: [warm/model]` read those stages'
+    outputs, so the stage runs after them and reruns when they do."""
+    found: list[str] = []
+
+    def visit(v: Any) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+        elif isinstance(v, str) and "/" in v and not v.startswith(("/", "~", ".")):
+            head = v.split("/", 1)[0]
+            if head in stages and head not in found:
+                found.append(head)
+
+    visit(_jsonable(value))
+    return found
+
+
 def stage_needs(mod, recipe: Recipe) -> tuple[str, ...]:
-    """The stages a stage reads: its NEEDS, plus those of its USES (read only when the recipe
-    runs them, e.g. the tokenizer reads curate's output when curation is in the run)."""
-    return (*mod.NEEDS, *(n for n in getattr(mod, "USES", ()) if n in recipe.stages))
+    """The stages a stage reads: its NEEDS, those of its USES that the recipe runs (e.g. the
+    tokenizer reads curate's output when curation is in the run), and those its settings
+    name by a run-relative path (`run_references`)."""
+    named = [n for s in mod.SECTIONS for n in run_references(getattr(recipe, s), recipe.stages)]
+    own = mod.__name__.rsplit(".", 1)[-1]
+    needs = [*mod.NEEDS, *(n for n in getattr(mod, "USES", ()) if n in recipe.stages), *named]
+    return tuple(dict.fromkeys(n for n in needs if n != own))
 
 
 def stage_hashes(recipe: Recipe) -> dict[str, str]:
@@ -213,6 +270,47 @@ def _holds_other_files(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(run_dir.iterdir())
 
 
+def stage_cost(name: str, recipe: Recipe) -> float:
+    """A stage's rough amount of work (its module's `cost(recipe)`; 0 for the quick ones)."""
+    cost = getattr(stage_module(name), "cost", None)
+    return float(cost(recipe)) if cost is not None else 0.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+@dataclass
+class RunClock:
+    """The whole run's elapsed and remaining time for the stage headers: the seconds per
+    unit of work measured on this machine by the stages run so far, times the work left."""
+    costs: dict[str, float]
+    done_cost: float = 0.0
+    done_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.left = dict(self.costs)
+
+    def skipped(self, name: str) -> None:
+        self.left.pop(name, None)
+
+    def finished(self, name: str, seconds: float) -> None:
+        cost = self.left.pop(name, 0.0)
+        if cost > 0:
+            self.done_cost += cost
+            self.done_seconds += seconds
+
+    def remaining(self) -> float | None:
+        if self.done_cost <= 0:
+            return None
+        return self.done_seconds / self.done_cost * sum(self.left.values())
+
+    def status(self, elapsed: float) -> str:
+        left = self.remaining()
+        return f" · {_duration(elapsed)} elapsed" + (f" · about {_duration(left)} left" if left is not None else "")
+
+
 def run_pipeline(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
                  only: tuple[str, ...] = (), start: str | None = None, skip: tuple[str, ...] = (),
                  raw: Mapping[str, Any] | None = None, echo: Callable[[str], None] = print,
@@ -254,6 +352,7 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
 
     result = RunResult(run_dir)
     t_run = time.perf_counter()
+    clock = RunClock({n: stage_cost(n, recipe) for n in chosen})
     for k, name in enumerate(chosen, 1):
         done = stage_done(run_dir, name)
         rerun_named = forced and (not only or name in only)
@@ -262,15 +361,17 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
         if done is not None and done.get("hash") == hashes[name] and not rerun_named and not always:
             echo(f"== [{k}/{len(chosen)}] {name}: complete, settings unchanged (skipped)")
             result.skipped.append(name)
+            clock.skipped(name)
             continue
         out = run_dir / name
         fresh = done is not None or rerun_named or not resume
+        header = f"== [{k}/{len(chosen)}] {name}{clock.status(time.perf_counter() - t_run)}"
         if fresh and out.exists():
             why = "its settings changed" if done is not None and done.get("hash") != hashes[name] else "asked to rerun"
-            echo(f"== [{k}/{len(chosen)}] {name}: {why}; replacing its previous outputs")
+            echo(f"{header}: {why}; replacing its previous outputs")
             shutil.rmtree(out)  # the stage's own directory, written by an earlier run of it
         else:
-            echo(f"== [{k}/{len(chosen)}] {name}" + (" (continuing)" if out.exists() else ""))
+            echo(header + (" (continuing)" if out.exists() else ""))
         t = time.perf_counter()
         stage_module(name).run(StageContext(name, run_dir, recipe, resume=not fresh, echo=echo))
         seconds = time.perf_counter() - t
@@ -278,6 +379,7 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
                                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         result.ran.append(name)
         result.seconds[name] = seconds
+        clock.finished(name, seconds)
         echo(f"   ({name}: {seconds:.1f} s)")
     echo(f"done in {time.perf_counter() - t_run:.1f} s -> {run_dir}")
     return result

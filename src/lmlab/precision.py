@@ -78,6 +78,30 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it ("unknown" where it does not)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith(("model name", "Model name", "Hardware")):
+            return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_description() -> dict:
+    """What a benchmark or an experiment ran on: its figures mean nothing without it."""
+    import os
+
+    flags = cpu_flags()
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "bf16_instructions": cpu_has_bf16_instructions(),
+            "avx2": "avx2" in flags, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 def cpu_has_bf16_instructions() -> bool:
     flags = cpu_flags()
     return bool({"avx512_bf16", "amx_bf16"} & flags)

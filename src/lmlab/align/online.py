@@ -66,7 +66,7 @@ class RewardSpec:
 @dataclass(frozen=True)
 class OnlineRLConfig:
     method: str = ""  # ppo | grpo | rloo; "" takes the stage's or the command's
-    policy: str = ""  # the SFT model (in `lmlab run`: the sft stage's model)
+    policy: str = ""  # the start policy (in `lmlab run`: the sft stage's model, or e.g. rejection/model)
     prompts: str = ""  # JSONL: {"prompt": ...} or chat records (their first user turn)
     eval_prompts: str | None = None  # held-out prompts for the report (`lmlab run`: the world's eval.jsonl)
     eval_n: int = 64  # held-out prompts answered greedily for the report
@@ -183,8 +183,8 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[str], template: 
     """Greedy answers scored by the world's gold reward (dense, sparse, exact match), and
     KL(policy || reference) estimated from samples at temperature 1 (mean summed k1)."""
     from lmlab.decode.generate import generate
-    from lmlab.train.logprobs import masked_logprobs
-    from lmlab.train.rollout import encode_prompts, layout, stop_id
+    from lmlab.eval.gold import sampled_kl
+    from lmlab.train.rollout import encode_prompts, stop_id
     from lmlab.worlds.evaluate import exact_match, sort_rewards
 
     ids = encode_prompts(prompts, tokenizer, template)
@@ -201,12 +201,8 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[str], template: 
         out["gold_sparse"] = sum(gold["gold_sparse"]) / len(prompts)
         out["exact_match"] = exact_match(answers, [parse_prompt(p).ideal for p in prompts])
     if reference is not None:
-        sampled = generate(policy, ids, max_new_tokens, temperature=1.0, eos_id=stop, pad_id=pad, seed=seed)
-        batch = layout(ids, [g.tokens for g in sampled], pad)
-        device = next(policy.parameters()).device
-        a = masked_logprobs(policy, batch["input_ids"].to(device), batch["targets"].to(device))
-        b = masked_logprobs(reference, batch["input_ids"].to(device), batch["targets"].to(device))
-        out["kl_to_sft"] = float((a.sums - b.sums).mean())
+        out["kl_to_sft"] = sampled_kl(policy, reference, ids, max_new_tokens=max_new_tokens, stop=stop, pad=pad,
+                                      seed=seed)
     return out
 
 
@@ -246,8 +242,9 @@ def align_online(cfg: OnlineRLConfig, out: str | Path, *, resume: bool | str = F
     objective = build_objective(cfg, policy, rollout, reward, device)
     source = Rollouts(policy, tokenizer, prompts, reward, rollout, objective, gold=gold, template=cfg.template)
     eval_prompts = read_prompts(cfg.eval_prompts)[:cfg.eval_n] if cfg.eval_prompts and cfg.eval_n else []
-    before = (evaluate_policy(policy, None, tokenizer, eval_prompts, cfg.template, rollout.max_new_tokens, cfg.world)
-              if eval_prompts else {})
+    # Before training the policy is its reference: KL 0 exactly, not an estimate.
+    before = ({**evaluate_policy(policy, None, tokenizer, eval_prompts, cfg.template, rollout.max_new_tokens,
+                                 cfg.world), "kl_to_sft": 0.0} if eval_prompts else {})
     log(f"{cfg.method}: {cfg.iterations} rollouts of {rollout.rows} completions ({rollout.prompts} prompts x "
         f"{rollout.group_size}), {train_cfg.steps} optimizer steps of {train_cfg.batch_size}")
     t0 = time.perf_counter()
@@ -271,25 +268,34 @@ def align_online(cfg: OnlineRLConfig, out: str | Path, *, resume: bool | str = F
     return OnlineRLResult(out, report)
 
 
+def rollout_cost(cfg: OnlineRLConfig) -> float:
+    """Roughly how much work a run is, for `lmlab run`'s time estimate (lmlab.stages.common)."""
+    from lmlab.stages.common import FORWARD, generated_tokens
+
+    r = cfg.effective_rollout()
+    trained = r.rows * r.max_new_tokens * (r.epochs + 2 * FORWARD)  # + old and reference log-probs
+    return cfg.iterations * (generated_tokens(r.rows, r.max_new_tokens) + trained) + \
+        generated_tokens(2 * cfg.eval_n, r.max_new_tokens)
+
+
 def run_stage(ctx, cfg: OnlineRLConfig) -> None:
     """A pipeline stage (its name is the method): the policy defaults to the sft stage's
     model, the prompts to the world's SFT prompts and the held-out ones to its eval prompts."""
-    from lmlab.stages.common import model_dir, require
+    from lmlab.stages.common import in_run, policy_dir, require
 
     if cfg.method and cfg.method != ctx.name:
         raise LmlabError(f"the {ctx.name} section sets method {cfg.method!r}; the stage's name is its method "
                          f"(drop {ctx.name}.method, or use the {cfg.method} stage)")
     cfg = replace(cfg, method=ctx.name)
 
-    policy = cfg.policy or str(model_dir(ctx.run_dir, "sft"))
+    policy = str(policy_dir(ctx, cfg.policy))
     prompts = cfg.prompts or str(require(ctx.input("world") / "sft.jsonl", "world"))
     held_out = cfg.eval_prompts
     if held_out is None and (ctx.input("world") / "eval.jsonl").is_file():
         held_out = str(ctx.input("world") / "eval.jsonl")
     # Reward models named relative to the run (e.g. warm/model, reward/member-0/model) are
     # the earlier stages' outputs: PPO against WARM inside one `lmlab run`.
-    paths = tuple(str(ctx.run_dir / p) if not Path(p).is_absolute() and (ctx.run_dir / p).exists() else p
-                  for p in cfg.reward.paths)
+    paths = in_run(ctx, tuple(cfg.reward.paths))
     cfg = replace(cfg, policy=policy, prompts=prompts, eval_prompts=held_out, out=str(ctx.out),
                   reward=replace(cfg.reward, paths=paths))
     align_online(cfg, ctx.out, resume="auto" if ctx.resume else False, log=ctx.echo)

@@ -37,7 +37,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--config", required=required, help="recipe YAML (model:, data:, train: sections)")
+    p.add_argument("--config", required=required,
+                   help="recipe YAML, or a packaged recipe's name (default, quick, llama3-chain)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe value, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--run-dir", help="where each stage's outputs go (default runs/<name>)")

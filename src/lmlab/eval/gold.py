@@ -109,3 +109,24 @@ def world_eval(model, tokenizer, rows: Sequence[dict], *, prompt_format: str = "
     return {"generated": len(rows), "prompt_format": prompt_format,
             "precision": precision.name if precision is not None else "float32", **scores,
             "examples": [{"prompt": p, "answer": a} for p, a in list(zip(prompts, answers))[:examples]]}
+
+
+def sampled_kl(policy, reference, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, stop: int | None,
+               pad: int, seed: int = 0) -> float:
+    """KL(policy || reference) over answers, estimated from the policy's own samples at
+    temperature 1: the mean over prompts of the summed per-token log-ratio (k1), unbiased."""
+    import torch
+
+    from lmlab.decode.generate import generate
+    from lmlab.train.logprobs import masked_logprobs
+    from lmlab.train.rollout import layout
+
+    with torch.no_grad():
+        sampled = generate(policy, [list(p) for p in prompt_ids], max_new_tokens, temperature=1.0, eos_id=stop,
+                           pad_id=pad, seed=seed)
+        batch = layout(prompt_ids, [g.tokens for g in sampled], pad)
+        device = next(policy.parameters()).device
+        ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
+        a = masked_logprobs(policy, ids, targets)
+        b = masked_logprobs(reference, ids, targets)
+    return float((a.sums - b.sums).mean())

@@ -7,7 +7,9 @@ for a pipeline run and an experiment's output directory alike.
     tables.py     any JSON summary as tables
     figures.py    the plots, as PNG bytes (through lmlab.train.plot)
     sections.py   configuration and timings, losses, samples, one section per stage, experiment results
-    claims.py     reward-model accuracy, gold reward vs KL, PPO vs DPO, proxy-tuning's gap closed
+    claims.py     an experiment's claim and verdict, reward-model accuracy, gold reward vs KL, PPO vs DPO,
+                  proxy-tuning's gap closed
+    results.py    write_results: the one form experiments write (experiment.json, results.md)
     build.py      build_report
 """
 from lmlab.report.build import REPORT, build_report

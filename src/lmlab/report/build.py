@@ -13,6 +13,7 @@ from lmlab.report.html import esc, page, section
 REPORT = "report.html"
 # The sections about the run and the papers' claims, in page order; then one per stage.
 SECTIONS = (
+    ("Claim and verdict", claims.experiment_claim),
     ("Configuration and timings", sections.overview),
     ("Loss curves", sections.losses),
     ("Reward models", claims.reward_models),

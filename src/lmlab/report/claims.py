@@ -331,3 +331,31 @@ def _is_float(text: str) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def experiment_claim(run: Run) -> Section | None:
+    """An experiment's experiment.json (lmlab.report.results): the paper's claim, our verdict,
+    and mean ± std per arm, with the seed count; every seed is in results.md below."""
+    from lmlab.report.results import RESULTS_JSON, is_results
+
+    result = run.json(run.root / RESULTS_JSON)
+    if not is_results(result):
+        return None
+    claim = result.get("claim") or {}
+    metrics = [m for m in result.get("metrics", []) if isinstance(m, str)]
+    rows = []
+    for s in result["summary"]:
+        cells = []
+        for m in metrics:
+            v = s.get(m) or {}
+            cells.append("–" if not is_number(v.get("mean")) else
+                         f"{fmt(v['mean'])} ± {fmt(v.get('std'), 2)}")
+        rows.append([s.get("arm"), s.get("n"), *cells])
+    machine = result.get("machine") or {}
+    body = (para(f"<b>Claim</b> ({esc(claim.get('source', ''))}): {esc(claim.get('statement', ''))}"
+                 + (f" Paper: {esc(claim['paper_figure'])}." if claim.get("paper_figure") else ""))
+            + para(f"<b>Ours</b>: {esc(result.get('verdict', ''))}")
+            + table(["arm", "seeds", *metrics], rows, caption="mean ± standard deviation over seeds")
+            + note(f"Command: {esc(result.get('command', ''))} · machine: {esc(machine.get('cpu', 'unknown'))}, "
+                   f"{esc(machine.get('torch_threads', '?'))} torch threads · written {esc(result.get('written', ''))}"))
+    return Section("claim", f"Claim and verdict: {result.get('title', result.get('name', ''))}", body)

@@ -283,6 +283,11 @@ def nested_runs(run: Run) -> list[Path]:
 
 
 def experiment_results(run: Run) -> Section | None:
+    from lmlab.report.results import RESULTS_JSON, is_results
+
+    # An experiment.json is the "Claim and verdict" section and its results.md (every seed)
+    # is shown here, so the JSON itself is not tabulated a second time.
+    unified = is_results(run.json(run.root / RESULTS_JSON))
     parts = []
     for path in sorted(run.root.glob("*.md")):
         if path.stat().st_size <= MAX_TEXT_BYTES:
@@ -294,6 +299,8 @@ def experiment_results(run: Run) -> Section | None:
         else:
             parts.append(para(f"{path.name}: too large to embed; ") + link(path.name))
     for name, obj in run.top_level_json().items():
+        if unified and name == RESULTS_JSON:
+            continue
         parts.append(details(f"{name} (every value)", json_tables(obj)))
     nested = nested_runs(run)
     if nested:

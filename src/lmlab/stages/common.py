@@ -29,6 +29,9 @@ def corpus_texts(data: DataConfig) -> Any:
     return data.source
 
 
+# The stages that write a policy (model/ of a chat language model), in lifecycle order.
+POLICY_STAGES = ("sft", "rejection", "ppo", "grpo", "rloo", "dpo")
+
 CURATED = "curated.jsonl"  # the curate stage's output: one {"id", "text", ...} document per line
 
 
@@ -56,6 +59,24 @@ def require(path: Path, stage: str) -> Path:
         raise LmlabError(f"{path} not found: the {stage!r} stage has not completed in this run directory; "
                          f"run it first (e.g. `lmlab run --from {stage} --run-dir ...`)")
     return path
+
+
+def in_run(ctx, spec: Any) -> Any:
+    """A setting that names an earlier stage's output by a run-relative path (`warm/model`,
+    `rejection/model`; lmlab.pipeline.run_references) as the path inside this run; any other
+    value (an absolute path, "gold", a path outside the run) unchanged. Lists map item-wise."""
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(in_run(ctx, s) for s in spec)
+    if isinstance(spec, str) and not spec.startswith(("/", "~", ".")) and spec.split("/", 1)[0] in ctx.recipe.stages \
+            and "/" in spec:
+        return str(require(ctx.run_dir / spec, spec.split("/", 1)[0]))
+    return spec
+
+
+def policy_dir(ctx, setting: str) -> Path:
+    """The policy a stage starts from: `setting` (a run-relative path such as ppo/model, or a
+    directory) when given, else the sft stage's model."""
+    return Path(in_run(ctx, setting)) if setting else model_dir(ctx.run_dir, "sft")
 
 
 def model_dir(run_dir: Path, stage: str) -> Path:
@@ -91,3 +112,27 @@ def preference_eval_sets(run_dir: Path, world, limit: int = 0):
 
     return evaluation_sets(pairs("train"), pairs("test_id"), pairs("test_ood"),
                            GoldReward("sort", "dense", ended=True), limit)
+
+
+# ---- how long a stage takes, roughly: `cost(recipe)` in token passes of the run's model
+# (one token forward and backward = 1), from which `lmlab run` estimates the time left.
+# The constants are measured shapes of SortWorld, not promises.
+PAIR_TOKENS = 2 * 64  # a preference pair: two sequences of about 64 tokens
+GENERATED = 5.0  # one sampled token costs about this many training token passes (batched decode)
+FORWARD = 1 / 6  # a forward-only token (scoring, reference log-probs)
+
+
+def train_tokens(train, seq_len: int) -> float:
+    return float(train.steps * train.batch_size * seq_len)
+
+
+def generated_tokens(rows: int, max_new_tokens: int) -> float:
+    return GENERATED * rows * max_new_tokens
+
+
+def layers(model_spec) -> int:
+    """The number of layers a recipe's model section gives (its preset's where it sets none)."""
+    from lmlab.config import resolve_model_config
+
+    spec = {"preset": model_spec} if isinstance(model_spec, str) else dict(model_spec)
+    return resolve_model_config(spec).n_layers

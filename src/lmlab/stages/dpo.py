@@ -13,12 +13,20 @@ SECTIONS = ("dpo",)
 CONFIG = ("dpo", DPOConfig)
 
 
+def cost(recipe) -> float:
+    from lmlab.stages.common import FORWARD, PAIR_TOKENS, train_tokens
+
+    d = recipe.dpo
+    sft_first = train_tokens(d.sft_train, PAIR_TOKENS // 2) if d.sft_first else 0.0
+    return train_tokens(d.train, PAIR_TOKENS) * (1 + FORWARD) + sft_first  # + the reference's log-probs
+
+
 def run(ctx) -> None:
     from lmlab.align.dpo import train_dpo
-    from lmlab.stages.common import model_dir, require
+    from lmlab.stages.common import policy_dir, require
 
     cfg = ctx.recipe.dpo
-    base = cfg.base or str(model_dir(ctx.run_dir, "sft"))
+    base = str(policy_dir(ctx, cfg.base))
     data = cfg.data
     if not data.train:
         world = ctx.input("world")

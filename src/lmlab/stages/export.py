@@ -4,17 +4,16 @@ GGUF file llama.cpp runs (`lmlab.interop.gguf.export_gguf`) -> export/hf/, expor
 and export/export_report.json (the source, parameter count and file sizes).
 
 `export.source: auto` takes the last policy stage of the recipe's stages (sft, rejection,
-ppo, dpo, in the order the recipe runs them); or name the stage."""
+ppo, grpo, rloo, dpo, in the order the recipe runs them); or name the stage."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from lmlab.errors import LmlabError
+from lmlab.stages.common import POLICY_STAGES
 
 NEEDS: tuple[str, ...] = ()
-# The policy stages; the recipe's stages among these are hashed as inputs.
-POLICY_STAGES = ("sft", "rejection", "ppo", "dpo")
-USES = POLICY_STAGES
+USES = POLICY_STAGES  # the recipe's stages among these are hashed as inputs
 SECTIONS = ("export",)
 REPORT = "export_report.json"
 

@@ -6,9 +6,14 @@ from __future__ import annotations
 from lmlab.align.online import OnlineRLConfig
 
 NEEDS = ("sft", "world")
-USES = ("reward", "warm")  # their reward models, when the recipe runs them and names one
 SECTIONS = ("grpo",)
 CONFIG = ("grpo", OnlineRLConfig)
+
+
+def cost(recipe) -> float:
+    from lmlab.align.online import rollout_cost
+
+    return rollout_cost(recipe.grpo)
 
 
 def run(ctx) -> None:

@@ -26,6 +26,12 @@ def model_config_for(spec: Any, vocab_size: int, seq_len: int):
     return cfg
 
 
+def cost(recipe) -> float:
+    from lmlab.stages.common import train_tokens
+
+    return train_tokens(recipe.train, recipe.data.seq_len)
+
+
 def run(ctx) -> None:
     import torch
 

@@ -127,6 +127,18 @@ def decoded(outs, tok) -> tuple[list[str], list[str]]:
             [o.finish_reason for o in outs])
 
 
+def cost(recipe) -> float:
+    from lmlab.stages.common import generated_tokens, layers, train_tokens
+
+    p, sft = recipe.proxy, recipe.sft
+    scale = layers(p.model) / max(1, layers(recipe.model))  # the large base is deeper than the run's model
+    pretrain = 0.0 if p.base else train_tokens(p.train, recipe.data.seq_len) * scale
+    tune = train_tokens(sft.train, sft.data.seq_len or recipe.data.seq_len) * scale * (
+        (p.tune_steps or sft.train.steps) / max(1, sft.train.steps)) if p.tune else 0.0
+    decodes = (4 + len(p.alphas)) * generated_tokens(p.prompts, p.max_new_tokens) * scale
+    return pretrain + tune + decodes
+
+
 def run(ctx) -> None:
     import torch
 

@@ -23,7 +23,6 @@ from lmlab.train.finetune import FinetuneConfig
 from lmlab.train.config import TrainConfig
 
 NEEDS = ("sft", "world")
-USES = ("reward", "warm")  # their reward models, when the recipe runs them and names one
 SECTIONS = ("rejection",)
 
 SAMPLES, BEST, REPORT = "samples.jsonl", "best.jsonl", "rejection.json"
@@ -37,7 +36,7 @@ def _default_rejection_sft() -> FinetuneConfig:
 
 @dataclass(frozen=True)
 class RejectionConfig:
-    policy: str = ""  # the model that samples (in `lmlab run`: the sft stage's)
+    policy: str = ""  # the model that samples (in `lmlab run`: the sft stage's, or e.g. ppo/model)
     out: str = "runs/rejection"  # run directory of `lmlab align rejection-sampling`
     n: int = 8  # samples per prompt
     # "gold" | "gold:sparse" | a reward model directory (RM or WARM) | a list of them (ENS)
@@ -150,17 +149,20 @@ def rejection_sample(cfg: RejectionConfig, prompts: list[str], out: str | Path, 
     return report
 
 
+def cost(recipe) -> float:
+    from lmlab.stages.common import generated_tokens, train_tokens
+
+    r = recipe.rejection
+    return generated_tokens(r.max_prompts * r.n, r.max_new_tokens) + train_tokens(r.sft.train, 64)
+
+
 def run(ctx) -> None:
     """The pipeline's rejection stage: the sft model samples the world's SFT prompts."""
-    from lmlab.stages.common import model_dir, require
+    from lmlab.stages.common import in_run, policy_dir, require
 
     cfg = ctx.recipe.rejection
-
-    def in_run(spec):  # a reward model named relative to the run: an earlier stage's (warm/model)
-        return str(ctx.run_dir / spec) if isinstance(spec, str) and (ctx.run_dir / spec).exists() else spec
-
-    reward = [in_run(r) for r in cfg.reward] if isinstance(cfg.reward, (list, tuple)) else in_run(cfg.reward)
-    cfg = replace(cfg, policy=cfg.policy or str(model_dir(ctx.run_dir, "sft")), out=str(ctx.out), reward=reward)
+    # The reward may be an earlier stage's model (warm/model), the policy too (a chain).
+    cfg = replace(cfg, policy=str(policy_dir(ctx, cfg.policy)), out=str(ctx.out), reward=in_run(ctx, cfg.reward))
     source = cfg.prompts or str(require(ctx.input("world") / "sft.jsonl", "world"))
     prompts = read_prompts(source, cfg.max_prompts)
     rejection_sample(cfg, prompts, ctx.out, resume="auto" if ctx.resume else False, log=ctx.echo)

@@ -80,6 +80,14 @@ class RewardStageConfig:
 CONFIG = ("reward", RewardStageConfig)
 
 
+def cost(recipe) -> float:
+    from lmlab.stages.common import FORWARD, PAIR_TOKENS, train_tokens
+
+    r = recipe.reward
+    scored = (r.members + 1) * 4 * (r.eval_pairs or 300) * PAIR_TOKENS * FORWARD  # 4 evaluation sets
+    return train_tokens(r.probe, PAIR_TOKENS) + r.members * train_tokens(r.train, PAIR_TOKENS) + scored
+
+
 def run(ctx) -> None:
     import json
     from dataclasses import replace

@@ -12,6 +12,12 @@ SECTIONS = ("sft",)
 CONFIG = ("sft", FinetuneConfig, default_sft)
 
 
+def cost(recipe) -> float:
+    from lmlab.stages.common import train_tokens
+
+    return train_tokens(recipe.sft.train, recipe.sft.data.seq_len or recipe.data.seq_len)
+
+
 def run(ctx) -> None:
     """The pipeline's sft stage: the recipe's `sft` section, with the pretrained model and
     the world's chat set where it names none."""

@@ -33,6 +33,13 @@ class WarmConfig:
 CONFIG = ("warm", WarmConfig)
 
 
+def cost(recipe) -> float:
+    from lmlab.stages.common import FORWARD, PAIR_TOKENS
+
+    r = recipe.reward
+    return (r.members + 1) * 4 * (r.eval_pairs or 300) * PAIR_TOKENS * FORWARD  # ENS and WARM, 4 sets
+
+
 def run(ctx) -> None:
     import json
 
