@@ -344,7 +344,8 @@ def plot(results: list[dict], s: Settings, out: Path) -> Path:
             mean = [statistics.fmean(col) for col in zip(*per_seed)]
             ax.plot(its, mean, color=colours[arm], lw=2, label=f"PPO vs {ARMS[arm]}")
         for c in curves:
-            axes[2].plot([p["kl"] for p in c], smooth([p["gold"] for p in c], s.smooth), color=colours[arm],
+            axes[2].plot(smooth([p["kl"] for p in c], s.smooth), smooth([p["gold"] for p in c], s.smooth),
+                         color=colours[arm],
                          alpha=0.6, lw=1, label=f"PPO vs {ARMS[arm]}" if c is curves[0] else None)
     for arm in arms[1:]:
         curves = [r["win_rates"][arm]["over_training"] for r in results]
