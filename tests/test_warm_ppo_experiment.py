@@ -68,6 +68,15 @@ def test_quick_run_writes_every_arm_and_seed(quick):
     rows = exp.rows_of(data["results"], exp.QUICK)
     assert [(row["arm"], row["seed"]) for row in rows] == [("single best RM", 0), ("WARM", 0), ("Baklava WARM", 0)]
     assert rows[0]["win_rate_vs_single"] is None and 0 <= rows[1]["win_rate_vs_single"] <= 1
+    # The unified result form (lmlab.report.results): the same rows, a summary per arm.
+    written = json.loads((out / "experiment.json").read_text())
+    assert written["schema"] == "lmlab.experiment/1" and written["name"] == "warm-ppo"
+    assert [(row["arm"], row["seed"]) for row in written["rows"]] == [(row["arm"], row["seed"]) for row in rows]
+    assert [a["arm"] for a in written["summary"]] == ["single best RM", "WARM", "Baklava WARM"]
+    assert set(written["extra"]["win_rate_over_training"]) == {"WARM vs single best RM",
+                                                                "Baklava WARM vs single best RM"}
+    assert written["verdict"] == exp.verdict(rows) and "0.794" in written["verdict"]
+    assert "| WARM | 0 |" in (out / "results.md").read_text()
 
 
 def test_rewards_are_the_best_member_and_the_weight_average(quick):
