@@ -7,9 +7,11 @@
 
 Each arm is a recipe in this folder (runnable alone with `lmlab pretrain --config`). All arms
 and seeds share one tokenizer (trained by the first run) and the same data, steps and
-optimizer; the seed sets the initialisation and the batch order. The script writes
-results.md (every seed, then the mean per arm), results.json and val_vs_flops.png
-(validation loss against training FLOPs) into --out.
+optimizer; the seed sets the initialisation and the batch order. The script writes into
+--out the unified form (experiment.json and results.md: the paper's claim, every seed, mean
+± std per arm, the verdict; `lmlab report OUT` shows them), details.md (every seed with
+parameters and FLOPs, then the mean per arm), results.json and val_vs_flops.png
+(validation loss against training FLOPs).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from lmlab.io import write_text_atomic
 from lmlab.hub import load_model
 from lmlab.pipeline import load_recipe, run_pipeline
+from lmlab.report.results import Claim, command_line, paired, write_results
 from lmlab.summary import parameter_counts, training_flops_per_token
 from lmlab.train.plot import plot_val_vs_flops, read_metrics
 
@@ -32,6 +35,19 @@ EXPERIMENTS = {
                   {"uniform": "arch-dense.yaml", "layerwise": "arch-layerwise.yaml"}),
 }
 MOE_METRICS = ("moe_aux_loss", "moe_z_loss", "moe_load_imbalance")
+CLAIMS = {
+    "moe": Claim(source="Jiang et al. 2024 (Mixtral)",
+                 statement="a sparse mixture of experts (8 experts, top-2) beats a dense model with the same "
+                           "active parameters, i.e. the same compute per token.",
+                 paper_figure="Mixtral 8x7B, 13B of its 47B parameters active per token, matches or outperforms "
+                              "Llama 2 70B on most benchmarks"),
+    "layerwise": Claim(source="Mehta et al. 2024 (OpenELM)",
+                       statement="layer-wise scaling (heads and FFN width growing with depth) beats uniform "
+                                 "widths at the same parameter count.",
+                       paper_figure="OpenELM at ~1.1B parameters is 2.36% more accurate than OLMo 1.2B with 2x "
+                                    "fewer pretraining tokens"),
+}
+METRICS = ["val_loss", "train_loss", "total", "active", "training_flops", "tokens_per_s", "moe_load_imbalance"]
 
 
 def run_arm(arm: str, recipe_file: str, seed: int, out: Path, tokenizer: Path | None,
@@ -70,6 +86,24 @@ def results_table(rows: list[dict]) -> list[str]:
     return table
 
 
+def verdict(rows: list[dict], baseline: str, challenger: str) -> str:
+    """The paper's claim is that `challenger` reaches the lower validation loss; decided from
+    the mean over seeds and the seed-by-seed wins together."""
+    p = paired(rows, "val_loss", baseline, challenger)
+    n = p["n"]
+    if not n:
+        return "not measured: no seed has a validation loss for both arms (set train.eval_every)"
+    lower = p["b_below"]
+    if p["mean_b"] < p["mean_a"] and lower > n / 2:
+        label = "reproduced"
+    elif p["mean_a"] < p["mean_b"] and p["b_above"] > n / 2:
+        label = "not reproduced"
+    else:
+        label = "mixed"
+    return (f"{label}: mean validation loss {baseline} {p['mean_a']:.3f} vs {challenger} {p['mean_b']:.3f}; "
+            f"{challenger} lower in {lower} of {n} seed{'s' * (n != 1)}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
@@ -88,9 +122,19 @@ def main(argv=None) -> int:
     plot_val_vs_flops({arm: [(r["run"], r["flops_per_step"]) for r in rows if r["arm"] == arm] for arm in arms},
                       out / "val_vs_flops.png", title=title)
     table = results_table(rows)
-    write_text_atomic(out / "results.md", f"{title}\n\n" + "\n".join(table) + "\n")
+    write_text_atomic(out / "details.md", f"{title}\n\n" + "\n".join(table) + "\n")
     write_text_atomic(out / "results.json", json.dumps(rows, indent=2))
+    baseline, challenger = arms
+    ours = verdict(rows, baseline, challenger)
+    write_results(out, name=args.experiment, title=title, claim=CLAIMS[args.experiment],
+                  command=command_line(__file__, argv), metrics=METRICS,
+                  rows=[{**r, "training_flops": r["flops_per_step"] * r["steps"]} for r in rows],
+                  verdict=ours, figures=["val_vs_flops.png"],
+                  notes=f"Lower validation loss is better. {baseline} is the baseline; every arm and seed "
+                        "shares one tokenizer, the data, the steps and the optimizer (details.md has the "
+                        "parameters and FLOPs of every run).")
     print("\n".join(table))
+    print(ours)
     print(f"plot -> {out / 'val_vs_flops.png'}")
     return 0
 

@@ -8,7 +8,10 @@ base instruction-tuned on half of the keys (the expert), the large base tuned th
 (the upper bound). On the held-out keys, greedy exact match of: the large base, the expert,
 the tuned large model, and the proxy-tuned large base  base + α·(expert − small base)  for
 an α sweep; the fraction of the gap closed (proxy − base) / (tuned − base); and which tokens
-the proxy shifts most. Results go to OUT/results.json and OUT/results.md.
+the proxy shifts most. Results go to OUT/experiment.json and OUT/results.md (the unified
+form: the claim, one row per (model, seed), mean ± std, the verdict; `lmlab report OUT`
+shows them), OUT/results.json (every value) and OUT/details.md (the per-seed table and the
+token influence).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from lmlab.decode.generate import generate
 from lmlab.decode.proxy import influence_table, proxy_generate, token_influence
 from lmlab.io import write_json_atomic, write_text_atomic
 from lmlab.model import build_model
+from lmlab.report.results import Claim, command_line, write_results
 from lmlab.tokenizer import train_tokenizer
 from lmlab.train.config import TrainConfig
 from lmlab.train.data import ShuffledBatches
@@ -36,6 +40,13 @@ from lmlab.worlds import fact
 SMALL = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=172)
 LARGE = dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=344)
 ALPHAS = (0.0, 0.5, 1.0, 1.5, 2.0)
+CLAIM = Claim(source="Liu et al. 2024 (proxy-tuning)",
+              statement="steering a large base model at decoding time by a small tuned expert minus its "
+                        "untuned base closes most of the gap to tuning the large model itself.",
+              paper_figure="Llama2-70B proxy-tuned with 7B experts closes 88% of the gap to Llama2-70B-chat")
+PAPER_GAP = 0.88
+MODELS = (("large", "large base"), ("small", "small base"), ("small-tuned", "expert (small tuned)"),
+          ("large-tuned", "large tuned"))
 
 
 class Rows(list):
@@ -127,6 +138,45 @@ def report(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def unified_rows(results: list[dict]) -> list[dict]:
+    """One row per (model, seed): exact match, and for each proxy the fraction of the gap
+    closed, (proxy − large base) / (large tuned − large base), where the tuned model is ahead."""
+    rows = []
+    for r in results:
+        gap = r["large-tuned"] - r["large"]
+        for key, name in MODELS:
+            rows.append({"arm": name, "seed": r["seed"], "exact_match": r[key], "gap_closed": None})
+        for alpha in ALPHAS:
+            got = r["proxy"][str(alpha)]
+            rows.append({"arm": f"proxy α={alpha:g}", "seed": r["seed"], "exact_match": got,
+                         "gap_closed": (got - r["large"]) / gap if gap > 0 else None})
+    return rows
+
+
+def verdict(results: list[dict]) -> str:
+    """Does the proxy (α = 1, the paper's default) beat the large base in most seeds, and does
+    it close most of the gap to the tuned model in every seed?"""
+    n = len(results)
+    beats = sum(r["proxy"]["1.0"] > r["large"] for r in results)
+    gaps = [r["gap_closed"] for r in results if r["gap_closed"] is not None]
+    base = sum(r["large"] for r in results) / n
+    proxy = sum(r["proxy"]["1.0"] for r in results) / n
+    said = (f"proxy (α=1) {proxy:.3f} vs large base {base:.3f} mean exact match, ahead in {beats} of {n} "
+            f"seed{'s' * (n != 1)}")
+    if gaps:
+        each = ", ".join("n/a" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}" for r in results)
+        said += (f"; gap closed {each} (mean {sum(gaps) / len(gaps):.0%}; paper {PAPER_GAP:.0%}; n/a: the tuned "
+                 "large model is not ahead of its base in that seed)" if len(gaps) < n else
+                 f"; gap closed {each} (mean {sum(gaps) / len(gaps):.0%}; paper {PAPER_GAP:.0%})")
+    else:
+        said += "; the tuned large model is not ahead of its base in any seed, so no gap to close"
+    if beats <= n / 2:
+        return "not reproduced: " + said
+    if gaps and len(gaps) == n and min(gaps) >= 0.5:
+        return "reproduced: " + said
+    return "partly reproduced (the proxy helps; the size of the gap closed is not resolved): " + said
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/proxy-tuning")
@@ -143,8 +193,16 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in results[-1].items() if k != "influence"}), flush=True)
     write_json_atomic(out / "results.json", results)
     text = report(results)
-    write_text_atomic(out / "results.md", text)
+    write_text_atomic(out / "details.md", text)
+    ours = verdict(results)
+    write_results(out, name="proxy-tuning", title="Proxy-tuning on FactWorld", claim=CLAIM,
+                  command=command_line(__file__, argv), metrics=["exact_match", "gap_closed"],
+                  rows=unified_rows(results), verdict=ours,
+                  notes="Greedy exact match on the held-out keys (higher is better). The gap closed is "
+                        "(proxy − large base) / (large tuned − large base). details.md has the tokens the "
+                        "proxy shifts most.")
     print(text)
+    print(ours)
     return 0
 
 

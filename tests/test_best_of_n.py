@@ -146,7 +146,7 @@ TINY = [
     "world.n=40",
     "sft.train={steps: 2, batch_size: 4, progress: false, precision: float32}", "sft.data.seq_len=64",
     "stages=[tokenizer, shards, pretrain, world, sft, rejection]",
-    "rejection.n=3", "rejection.max_prompts=4", "rejection.max_new_tokens=6",
+    "rejection.n=3", "rejection.max_prompts=4", "rejection.max_new_tokens=6", "rejection.reward=gold",
     "rejection.sft.train={steps: 2, batch_size: 2, progress: false, precision: float32}",
 ]
 

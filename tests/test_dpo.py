@@ -556,9 +556,9 @@ def test_dpo_stage_reads_the_sft_model_and_the_worlds_pairs(sort_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(sort_run / "world", run_dir / "world")
     shutil.copytree(sort_run / "base", run_dir / "sft" / "model")
-    recipe, _ = load_recipe(None, ["dpo.train.steps=2", "dpo.train.batch_size=4", "dpo.train.progress=false",
+    recipe, _ = load_recipe("quick", ["dpo.train.steps=2", "dpo.train.batch_size=4", "dpo.train.progress=false",
                                    "dpo.train.precision=float32", "dpo.adapter.r=2"])
-    assert "dpo" in stage_hashes(recipe) and "dpo" not in recipe.stages  # not in the default run
+    assert "dpo" in stage_hashes(recipe) and "dpo" not in recipe.stages  # not in the quick run
     stage_module("dpo").run(StageContext("dpo", run_dir, recipe, echo=lambda s: None))
     report = json.loads((run_dir / "dpo" / "dpo_report.json").read_text())
     assert report["steps"] == 2 and report["val_pairs"] > 0  # validated on preferences_test_id

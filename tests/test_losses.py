@@ -15,7 +15,7 @@ import torch
 from lmlab.errors import LmlabError
 from lmlab.train.losses import (
     DPO_LOSSES, KL_ESTIMATORS, LOSS_AGGREGATIONS, aggregate_loss, bradley_terry_loss, dpo_loss,
-    dpo_metrics, entropy_from_logits, kl_penalty, ppo_policy_loss, reward_centering_term,
+    dpo_metrics, entropy_from_logits, entropy_from_logprobs, kl_penalty, ppo_policy_loss, reward_centering_term,
     value_loss, with_nll,
 )
 
@@ -324,6 +324,23 @@ def test_entropy_hand_and_trl():
     from trl.trainer.utils import entropy_from_logits as trl_entropy
     logits = torch.randn(3, 4, 50, generator=torch.Generator().manual_seed(1)) * 3
     assert torch.allclose(entropy_from_logits(logits), trl_entropy(logits), atol=1e-5)
+
+
+def test_entropy_from_logprobs_hand_values_and_chunks():
+    # Uniform over 7: log 7; a banned token (log-prob -inf) contributes 0, not nan.
+    assert entropy_from_logprobs(torch.full((2, 7), -math.log(7))).tolist() == pytest.approx([math.log(7)] * 2)
+    half = torch.tensor([math.log(0.5), math.log(0.5), -math.inf])
+    assert entropy_from_logprobs(half).item() == pytest.approx(math.log(2))
+    # p = (0.7, 0.2, 0.1) by hand: -(0.7 ln 0.7 + 0.2 ln 0.2 + 0.1 ln 0.1) = 0.801819...
+    p = torch.tensor([0.7, 0.2, 0.1])
+    assert entropy_from_logprobs(p.log()).item() == pytest.approx(0.8018185525, abs=1e-6)
+    # Rows split over several blocks (and a ragged last one) give what one pass gives.
+    logits = torch.randn(2, 37, 50, generator=torch.Generator().manual_seed(2)) * 3
+    logits[0, 3, 7] = -math.inf
+    want = entropy_from_logits(logits)
+    got = entropy_from_logprobs(logits.log_softmax(-1), rows=8)
+    assert got.shape == (2, 37) and torch.allclose(got, want, atol=1e-5)
+    assert not entropy_from_logprobs(logits.log_softmax(-1).requires_grad_()).requires_grad
 
 
 # ---------------------------------------------------------------- KL estimators

@@ -110,7 +110,9 @@ def test_expert_lora_logits_and_gradients_match_peft(pair):
     for i in range(ours.config.n_layers):
         mlp = ours.layers[i].mlp
         summed = mlp.gate_proj.lora_A.grad + mlp.up_proj.lora_A.grad
-        assert max_diff(summed, want.pop(f"layers.{i}.mlp.gate_up.lora_A")) <= 1e-4
+        fused = want.pop(f"layers.{i}.mlp.gate_up.lora_A")
+        # float32 relative error: the two sides sum in another order (AMX kernels differ most)
+        assert max_diff(summed, fused) <= 1e-5 * max(1.0, fused.abs().max().item())
     for name, g in want.items():
         scale = g.abs().max().item()
         assert scale > 0 and max_diff(ours.get_parameter(name).grad, g) <= 1e-5 * max(1.0, scale), name

@@ -124,3 +124,38 @@ def test_eval_scores_every_policy_of_the_run(chain_run):
     assert policies["dpo"]["gold_reward_dense"] == pytest.approx(sum(dense) / len(dense))
     ppl = report["pretrain_perplexity"]
     assert ppl["perplexity"] == pytest.approx(2.718281828 ** ppl["loss"]) and ppl["tokens"] > 0
+
+
+def test_precision_flag_reaches_every_stage():
+    import dataclasses
+
+    from lmlab.pipeline import with_precision
+
+    recipe = with_precision(load_recipe(None)[0], "float32")
+    found = []
+
+    def walk(v, where):
+        if dataclasses.is_dataclass(v):
+            for f in dataclasses.fields(v):
+                x = getattr(v, f.name)
+                if f.name == "precision":
+                    found.append((where, x))
+                walk(x, f"{where}.{f.name}")
+
+    walk(recipe, "recipe")
+    assert len(found) >= 10 and all(p == "float32" for _, p in found), found
+    assert {w for w, _ in found} >= {"recipe.train", "recipe.sft.train", "recipe.reward.probe", "recipe.ppo.train",
+                                     "recipe.proxy.train", "recipe.dpo.train"}
+    with pytest.raises(LmlabError):
+        with_precision(recipe, "float8")
+
+
+def test_report_shows_every_policy_of_the_chain(chain_run):
+    from lmlab.report import build_report
+
+    run, _ = chain_run
+    html = build_report(run).read_text()
+    assert "greedy answers of each policy" in html
+    for name in ("rejection", "ppo", "dpo"):
+        assert f"<th>{name}</th>" in html
+    assert "win rate vs SFT" in html

@@ -104,3 +104,74 @@ def test_random_kills_across_the_whole_run(tmp_path, corpus):
     run_to_end(run, corpus, resume=True, longer=True)
     assert final_metrics(run) == final_metrics(straight)
     assert kills >= 3
+
+
+# The whole lifecycle (the default recipe's stages) at toy sizes.
+STEPS = "{steps: 6, batch_size: 4, progress: false, precision: float32, log_every: 1, checkpoint_every: 2}"
+LIFECYCLE_SETS = [s for s in SETS if not s.startswith("stages=")] + [
+    "curate.quality=null", "world.flip_rate=0.25",
+    f"reward={{members: 2, eval_pairs: 20, lrs: [1.0e-3, 3.0e-3], seeds: [5, 6], adapter: {{r: 2}}, "
+    f"probe: {STEPS}, train: {STEPS}}}",
+    "rejection={n: 2, max_prompts: 4, max_new_tokens: 6, reward: warm/model, sft: {train: " + STEPS + "}}",
+    "ppo={iterations: 3, reward: {kind: model, paths: [warm/model]}, rollout: {prompts: 2, group_size: 2, "
+    "max_new_tokens: 4}, eval_n: 2, train: {progress: false, precision: float32, checkpoint_every: 1}}",
+    f"dpo={{train: {STEPS}}}",
+    f"proxy={{model: {{preset: nano, n_layers: 2, max_seq_len: 64}}, train: {STEPS}, tune_steps: 4, prompts: 4, "
+    "max_new_tokens: 6, alphas: [0.0, 1.0]}",
+]
+
+
+def lifecycle_command(run_dir: Path, corpus: Path, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "lmlab", "run", "--run-dir", str(run_dir), *(["--resume"] if resume else []),
+            *[x for s in [*LIFECYCLE_SETS, f"data.source={corpus}"] for x in ("--set", s)]]
+
+
+@pytest.mark.slow
+def test_kill_inside_every_lifecycle_stage_then_resume_finishes(tmp_path):
+    """`make demo`'s recipe, killed once inside each of its stages in turn (a moment after
+    the stage's directory appears), resumed each time: the run finishes, every stage is
+    complete, and the policies score as in an uninterrupted run."""
+    from lmlab.pipeline import load_recipe
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": f"sort the list {i} then {i + 1} and "
+                                          f"{i * 7 % 11}: done. " * 3}) + "\n" for i in range(150)))
+    stages = load_recipe(None)[0].stages
+    straight = tmp_path / "straight"
+    done = subprocess.run(lifecycle_command(straight, corpus, False), env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run, killed = tmp_path / "killed", []
+    rng = random.Random(0)
+    for stage in stages:
+        if (run / stage / "stage.json").exists():
+            continue
+        delay = rng.uniform(0.0, 0.5)
+        seen: list[float] = []
+
+        def ready(_, stage=stage):
+            if (run / stage).is_dir() and not seen:
+                seen.append(time.monotonic())
+            return bool(seen) and time.monotonic() - seen[0] > delay
+
+        proc = subprocess.Popen(lifecycle_command(run, corpus, run.exists()), env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and not ready(run):
+            time.sleep(0.01)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed.append(stage)
+        proc.wait(timeout=30)
+    final = subprocess.run(lifecycle_command(run, corpus, True), env=env(), capture_output=True, text=True,
+                           timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert all((run / s / "stage.json").is_file() for s in stages) and (run / "report.html").is_file()
+    assert len(killed) >= len(stages) // 2, killed  # the quick stages may finish before the kill lands
+    for name in ("pretrain", "sft", "reward", "ppo", "dpo", "proxy"):
+        assert name in killed, (name, killed)
+
+    def policies(root):
+        return json.loads((root / "eval" / "world_eval.json").read_text())["policies"]
+
+    assert policies(run) == policies(straight)

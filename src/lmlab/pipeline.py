@@ -133,6 +133,24 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> tu
     return recipe, merged
 
 
+def with_precision(value: Any, precision: str) -> Any:
+    """`value` (the recipe, or any settings dataclass in it) with every `precision` setting
+    replaced: `lmlab run --precision float32` runs each stage as an AVX2-only CPU would."""
+    from lmlab.precision import parse
+
+    parse(precision)  # refuse an unknown name before anything changes
+    if not dataclasses.is_dataclass(value):
+        return value
+    changes = {}
+    for f in dataclasses.fields(value):
+        current = getattr(value, f.name)
+        if f.name == "precision" and isinstance(current, str):
+            changes[f.name] = precision
+        elif dataclasses.is_dataclass(current):
+            changes[f.name] = with_precision(current, precision)
+    return dataclasses.replace(value, **changes) if changes else value
+
+
 def check_order(recipe: Recipe) -> None:
     """Refuse a recipe whose stage names, by a run-relative path, a stage listed after it."""
     for k, name in enumerate(recipe.stages):
@@ -373,7 +391,15 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
         else:
             echo(header + (" (continuing)" if out.exists() else ""))
         t = time.perf_counter()
-        stage_module(name).run(StageContext(name, run_dir, recipe, resume=not fresh, echo=echo))
+        try:
+            stage_module(name).run(StageContext(name, run_dir, recipe, resume=not fresh, echo=echo))
+        except BaseException as e:
+            kept = ", ".join(result.ran + result.skipped) or "none"
+            echo(f"== stage {name!r} failed after {time.perf_counter() - t:.1f} s; completed stages kept: {kept}. "
+                 f"After fixing the cause, `lmlab run --resume --run-dir {run_dir}` continues from {name!r}")
+            if isinstance(e, LmlabError) and type(e) is LmlabError:
+                raise LmlabError(f"stage {name!r}: {e}") from None
+            raise
         seconds = time.perf_counter() - t
         write_json_atomic(out / MARKER, {"stage": name, "hash": hashes[name], "seconds": round(seconds, 2),
                                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})

@@ -9,9 +9,12 @@ def _stage_list(text: str | None) -> tuple[str, ...]:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from lmlab.pipeline import load_recipe, run_pipeline, unique_run_dir
+    from lmlab.pipeline import load_recipe, run_pipeline, unique_run_dir, with_precision
 
     recipe, raw = load_recipe(args.config, args.set)
+    if args.precision:
+        recipe = with_precision(recipe, args.precision)  # hashed into every stage's marker
+        print(f"precision: {args.precision} in every stage (--precision)")
     continuing = args.resume or args.only or args.start
     run_dir = args.run_dir or (f"runs/{recipe.name}" if continuing else unique_run_dir("runs", recipe.name))
     print(f"run directory: {run_dir}")
@@ -47,8 +50,10 @@ def _recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("run", help="the whole pipeline on the embedded corpus and world (a few minutes on CPU)")
+    p = sub.add_parser("run", help="the whole lifecycle on the embedded corpus and world (about 10 minutes on CPU)")
     _recipe_args(p, required=False)
+    p.add_argument("--precision", metavar="P", help="auto | float32 | bf16 | fp16 for every stage (default: the "
+                   "recipe's, auto: what the hardware runs natively)")
     p.add_argument("--only", metavar="STAGES", help="run only these stages (comma-separated), e.g. sft,eval")
     p.add_argument("--from", dest="start", metavar="STAGE", help="rerun this stage and all after it")
     p.add_argument("--skip", metavar="STAGES", help="leave these stages out (comma-separated)")

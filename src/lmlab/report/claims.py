@@ -215,7 +215,7 @@ POLICY_COLUMNS = {
     "gold (exact)": ("gold_sparse", "gold_reward_sparse"),
     "exact match": ("exact_match",),
     "KL to SFT": ("kl_to_sft",),
-    "win rate": ("win_rate",),
+    "win rate vs SFT": ("win_rate_vs_sft", "win_rate"),
 }
 
 
@@ -286,8 +286,12 @@ def policies(run: Run) -> Section | None:
 
 # --------------------------------------------------------------------- proxy-tuning
 def proxy_tuning(run: Run) -> Section | None:
+    from lmlab.report.results import RESULTS_JSON, is_results
+
     found = []
     for where, obj in run.all_json():
+        if where == RESULTS_JSON and is_results(obj):
+            continue  # its rows repeat the experiment's own records, per alpha; it has its own section
         for node in walk(obj):
             if "gap_closed" in node and (is_number(node["gap_closed"]) or node["gap_closed"] is None):
                 found.append((where, node))

@@ -11,7 +11,9 @@ links each claim to its experiment.
 from __future__ import annotations
 
 import math
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,9 +149,39 @@ def write_results(out: str | Path, *, name: str, title: str, claim: Claim, comma
     return result
 
 
+def command_line(script: str | Path, argv: Sequence[str] | None = None) -> str:
+    """The command that reproduces this run, rebuilt from its arguments (sys.argv[1:] by
+    default), with the script's path relative to the working directory when it lies below it."""
+    path = Path(script).resolve()
+    try:
+        shown = str(path.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(path)
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python", shlex.quote(shown), *(shlex.quote(str(a)) for a in args)])
+
+
+def paired(rows: Sequence[Mapping[str, Any]], metric: str, a: str, b: str) -> dict:
+    """Arms `a` and `b` compared seed by seed on `metric`, over the seeds where both have it:
+    each arm's mean, the per-seed differences b - a, their mean and standard error (None for
+    fewer than two seeds), and on how many seeds b is above a, below it, or level."""
+    by = {(str(r["arm"]), r["seed"]): _number(r.get(metric)) for r in rows}
+    seeds = [s for (arm, s), v in by.items() if arm == a and v is not None and by.get((b, s)) is not None]
+    xa = [by[(a, s)] for s in seeds]
+    xb = [by[(b, s)] for s in seeds]
+    diffs = [y - x for x, y in zip(xa, xb)]
+    n = len(diffs)
+    return {"metric": metric, "a": a, "b": b, "seeds": seeds, "n": n,
+            "mean_a": statistics.fmean(xa) if n else None, "mean_b": statistics.fmean(xb) if n else None,
+            "diffs": diffs, "mean_diff": statistics.fmean(diffs) if n else None,
+            "stderr": statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None,
+            "b_above": sum(d > 0 for d in diffs), "b_below": sum(d < 0 for d in diffs),
+            "level": sum(d == 0 for d in diffs)}
+
+
 def is_results(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("schema") == SCHEMA and isinstance(obj.get("summary"), list)
 
 
-__all__ = ["Claim", "RESULTS_JSON", "RESULTS_MD", "SCHEMA", "is_results", "render_markdown", "summarise",
-           "write_results"]
+__all__ = ["Claim", "RESULTS_JSON", "RESULTS_MD", "SCHEMA", "command_line", "is_results", "paired",
+           "render_markdown", "summarise", "write_results"]

@@ -167,6 +167,24 @@ def _answer_of(record: dict):
     return None
 
 
+POLICY_ORDER = ("sft", "rejection", "ppo", "grpo", "rloo", "dpo")
+
+
+def _side_by_side(obj) -> tuple[list[str], list[list]] | None:
+    """(headers, rows) of a summary's `policies: {name: {examples: [{prompt, answer}]}}`: one
+    row per prompt, one column per policy in lifecycle order."""
+    policies = obj.get("policies") if isinstance(obj, dict) else None
+    if not isinstance(policies, dict):
+        return None
+    names = sorted((n for n, v in policies.items() if isinstance(v, dict) and _examples(v)),
+                   key=lambda n: (POLICY_ORDER.index(n) if n in POLICY_ORDER else len(POLICY_ORDER), n))
+    if not names:
+        return None
+    answers = {n: {e.get("prompt"): _answer_of(e) for e in _examples(policies[n])} for n in names}
+    prompts = list(dict.fromkeys(e.get("prompt") for e in _examples(policies[names[0]])))[:6]
+    return ["prompt", *names], [[p, *(answers[n].get(p) for n in names)] for p in prompts]
+
+
 def samples(run: Run) -> Section | None:
     parts = []
     for stage in run.stages:
@@ -176,6 +194,10 @@ def samples(run: Run) -> Section | None:
             texts = [t for t in txt.read_text(encoding="utf-8", errors="replace").split("\n\n") if t.strip()]
             blocks += [pre(t.strip("\n"), "sample") for t in texts[:8]]
         for where, obj in run.summaries(stage).items():
+            side = _side_by_side(obj)
+            if side is not None:  # the eval stage: every policy's answer to the same prompts
+                blocks.append(table(side[0], side[1], caption=f"greedy answers of each policy, from {stage.name}/{where}"))
+                continue
             ex = _examples(obj)[:6]
             if ex:
                 blocks.append(table(("prompt", "answer"), [(e.get("prompt"), _answer_of(e)) for e in ex],

@@ -17,6 +17,9 @@ class DataConfig:
     seq_len: int = 128
     val_fraction: float = 0.02
     text_field: str = "text"  # JSONL / Parquet column holding the text
+    # More corpora appended after curation, uncurated (e.g. world/corpus.jsonl: a world's
+    # synthetic documents, so the base has seen its task before SFT and reward modelling).
+    extra: tuple[str, ...] = ()
 
 
 def corpus_texts(data: DataConfig) -> Any:
@@ -37,10 +40,21 @@ CURATED = "curated.jsonl"  # the curate stage's output: one {"id", "text", ...} 
 
 def corpus_source(ctx) -> tuple[Any, str]:
     """(source, text_field) of the corpus the tokenizer and shards stages read: the curate
-    stage's output when the recipe runs that stage, else the recipe's own corpus."""
+    stage's output when the recipe runs that stage, else the recipe's own corpus; with
+    `data.extra`, the list of all their texts."""
+    data = ctx.recipe.data
     if "curate" in ctx.recipe.stages:
-        return str(require(ctx.input("curate") / CURATED, "curate")), "text"
-    return corpus_texts(ctx.recipe.data), ctx.recipe.data.text_field
+        source, field = str(require(ctx.input("curate") / CURATED, "curate")), "text"
+    else:
+        source, field = corpus_texts(data), data.text_field
+    if not data.extra:
+        return source, field
+    from lmlab.data.sources import read_texts
+
+    texts = list(source) if isinstance(source, list) else list(read_texts(source, text_field=field))
+    for extra in in_run(ctx, tuple(data.extra)):
+        texts.extend(read_texts(extra, text_field=data.text_field))
+    return texts, "text"
 
 
 def corpus_text_list(ctx):

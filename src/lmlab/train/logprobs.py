@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.data import IGNORE_INDEX
-from lmlab.train.losses import entropy_from_logits
+from lmlab.train.losses import entropy_from_logits, entropy_from_logprobs
 
 
 @dataclass
@@ -44,10 +44,12 @@ class Logprobs:
 
 def row_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 0,
                  accuracy: bool = False, temperature: float = 1.0, entropy: bool = False,
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                 entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(N,) log p(targets) for hidden rows (N, d) under `model.logits` / temperature, 0 at
     IGNORE_INDEX; with `accuracy`, (N,) whether each target is the argmax; with `entropy`,
-    (N,) the entropy of each row's distribution (at the same temperature)."""
+    (N,) the entropy of each row's distribution (at the same temperature). `entropy_grad=False`
+    says the entropy is only reported: it is then read off the log-softmax of the log-probs
+    without gradient (fewer vocabulary-sized temporaries; equal to float rounding)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
 
@@ -55,11 +57,20 @@ def row_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, 
         logits = model.logits(h).float()
         if temperature != 1.0:
             logits = logits / temperature
-        logp = -F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="none")
-        correct = (logits.detach().argmax(-1) == t) if accuracy else None
         ent = None
-        if entropy:
-            ent = entropy_from_logits(logits)
+        if entropy and not entropy_grad:
+            # log_softmax + gather is what cross_entropy computes (same values and gradient,
+            # bit for bit), with the log-softmax kept for the entropy.
+            all_logp = logits.log_softmax(-1)
+            ignored = t == IGNORE_INDEX
+            picked = all_logp.gather(-1, t.masked_fill(ignored, 0)[:, None]).squeeze(-1)
+            logp = torch.where(ignored, 0.0, picked)
+            ent = entropy_from_logprobs(all_logp.detach())
+        else:
+            logp = -F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="none")
+            if entropy:
+                ent = entropy_from_logits(logits)
+        correct = (logits.detach().argmax(-1) == t) if accuracy else None
         return logp, correct, ent
 
     if chunk <= 0 or hidden.shape[0] <= chunk:
@@ -76,14 +87,16 @@ def row_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, 
 def masked_logprobs(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, *,
                     positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
                     chunk: int = 0, select: bool = True, accuracy: bool = False,
-                    temperature: float = 1.0, entropy: bool = False, keep_hidden: bool = False) -> Logprobs:
+                    temperature: float = 1.0, entropy: bool = False, entropy_grad: bool = True,
+                    keep_hidden: bool = False) -> Logprobs:
     """Log-probs of `targets` (B, T) after reading `input_ids` (B, T).
 
     select: project only the rows with a target (prompt and padding rows never reach the
         vocabulary). Turn it off where every position has one (packed pretraining), which
         saves the gather.
     temperature: log-probs of softmax(logits / temperature), what a sampler at that
-        temperature drew from. entropy: also the per-token entropy. keep_hidden: also
+        temperature drew from. entropy: also the per-token entropy (`entropy_grad=False`:
+        only reported, no gradient through it; cheaper). keep_hidden: also
         return the hidden states (a shared-trunk value head reads them).
     """
     hidden = model.hidden_states(input_ids, positions=positions, attn_mask=attn_mask)
@@ -91,12 +104,12 @@ def masked_logprobs(model: nn.Module, input_ids: torch.Tensor, targets: torch.Te
     kept = hidden if keep_hidden else None
     if not select:
         logp, correct, ent = row_logprobs(model, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1),
-                                          chunk, accuracy, temperature, entropy)
+                                          chunk, accuracy, temperature, entropy, entropy_grad)
         return Logprobs(logp.view_as(targets), mask,
                         None if correct is None else correct.view_as(targets) & mask,
                         None if ent is None else torch.where(mask, ent.view_as(targets), 0.0), kept)
     logp_rows, correct_rows, ent_rows = row_logprobs(model, hidden[mask], targets[mask], chunk, accuracy,
-                                                     temperature, entropy)
+                                                     temperature, entropy, entropy_grad)
     tokens = torch.zeros(targets.shape, dtype=logp_rows.dtype, device=targets.device)
     tokens = tokens.masked_scatter(mask, logp_rows)
     correct = ent = None

@@ -213,6 +213,24 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (probs * logits.masked_fill(probs == 0, 0.0)).sum(-1)
 
 
+@torch.no_grad()
+def entropy_from_logprobs(logprobs: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """Entropy in nats, `-sum p log p`, from (N, V) log-probabilities, without gradient.
+
+    For an entropy that is only reported: it reuses the log-softmax a loss already computed
+    and works `rows` rows at a time, so no further (N, V) temporary is allocated (at a large
+    vocabulary each one is a fresh, page-faulted block of memory). Log-probs of -inf
+    (probability 0) contribute 0."""
+    flat = logprobs.reshape(-1, logprobs.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    floor = torch.finfo(torch.float32).min
+    for s in range(0, flat.shape[0], rows):
+        lp = flat[s:s + rows].float()
+        # -inf -> the most negative float: 0 * finite = 0, where 0 * -inf would be nan.
+        out[s:s + rows] = -(lp.exp() * lp.clamp(min=floor)).sum(-1)
+    return out.view(logprobs.shape[:-1])
+
+
 # ---------------------------------------------------------------- KL estimators
 # Per-token estimates of KL(p || q) from tokens sampled from p (Schulman, "Approximating KL
 # divergence", 2020): p is the sampling policy (the current policy), q the reference.

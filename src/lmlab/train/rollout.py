@@ -24,6 +24,16 @@ were left-padded. A row's targets are its completion tokens (the stop token incl
 prompt and padding targets are IGNORE_INDEX. Per-row values the objective logs (rollout
 statistics) travel as `stat_<name>` tensors of shape (B,).
 
+On-policy rollouts skip the scoring forward: when a rollout is read once (one epoch) in one
+micro-batch, that micro-batch's forward runs at the very weights that sampled it, so its
+log-probs, detached, are the old log-probs (the ratio is exactly 1; TRL's GRPOTrainer does
+the same with num_iterations=1). If the objective also needs nothing else from the
+rollout's own forward (`reads_rollout_forward` false: no critic, no old log-probs in the
+advantages) and keeps no reference, the batch carries no `old_logp`, and `sampler_logp`
+(the sampler's log-probs, temperature 1) instead, from which the objective reports
+`max_dlogp`. Several epochs, several micro-batches, a critic or a reference keep the
+scoring forward.
+
 Resume: the state is the number of rollouts made, the cursor into the current one and the
 buffer itself (safetensors bytes, base64), so a run stopped between two minibatches of one
 rollout continues with exactly that rollout. Sampling seeds derive from (seed, rollout).
@@ -217,8 +227,17 @@ class Rollouts:
             scores[keep] = reward.score([prompts[i] for i in keep], [texts[i] for i in keep]).float()
         return scores
 
+    def on_policy(self, n: int) -> bool:
+        """Whether rollouts served in micro-batches of `n` may skip the scoring forward
+        (see the module docstring)."""
+        return (self.cfg.epochs == 1 and n == self.cfg.rows
+                and not getattr(self.objective, "reads_rollout_forward", True)
+                and getattr(self.objective, "reference", None) is None)
+
     @torch.no_grad()
-    def make_rollout(self, k: int) -> dict[str, torch.Tensor]:
+    def make_rollout(self, k: int, on_policy: bool = False) -> dict[str, torch.Tensor]:
+        """Rollout k. `on_policy`: skip the scoring forward (only valid when `on_policy(n)`
+        holds for the micro-batch size it will be read in)."""
         cfg, policy = self.cfg, self.policy
         t0 = time.perf_counter()
         chosen = [i for i in self._prompt_batch(k) for _ in range(cfg.group_size)]
@@ -240,9 +259,12 @@ class Rollouts:
             sampler[i, start:start + len(g.tokens)] = torch.tensor(g.logprobs)
         device = next(policy.parameters()).device
         fields: dict[str, list[torch.Tensor]] = {"old_logp": [], "ref_logp": [], "old_values": []}
-        max_dlogp = 0.0
+        max_dlogp: float | None = 0.0
         ref = getattr(self.objective, "reference", None)
-        for s in range(0, cfg.rows, cfg.forward_batch):
+        if on_policy:
+            batch["sampler_logp"] = sampler
+            max_dlogp = None  # measured by the objective on the update's own forward
+        for s in range(0, 0 if on_policy else cfg.rows, cfg.forward_batch):
             part = trim({"input_ids": batch["input_ids"][s:s + cfg.forward_batch],
                          "targets": batch["targets"][s:s + cfg.forward_batch]})
             ids, tg = part["input_ids"].to(device), part["targets"].to(device)
@@ -269,8 +291,9 @@ class Rollouts:
         mask = batch["targets"] != IGNORE_INDEX
         lengths = mask.sum(-1).float()
         stats = {"reward": float(score.mean()), "reward_std": float(score.std(correction=0)),
-                 "ended": float(ended.float().mean()), "length": float(lengths.mean()),
-                 "max_dlogp": max_dlogp, "gen_s": t_gen}
+                 "ended": float(ended.float().mean()), "length": float(lengths.mean()), "gen_s": t_gen}
+        if max_dlogp is not None:
+            stats["max_dlogp"] = max_dlogp
         if "ref_logp" in batch:
             stats["kl"] = float(torch.where(mask, batch["old_logp"] - batch["ref_logp"], 0.0).sum(-1).mean())
         if self.gold is not None:
@@ -282,8 +305,9 @@ class Rollouts:
         stats["rollout_s"] = time.perf_counter() - t0
         batch.update(_stats(cfg.rows, stats))
         if self.log is not None:
+            gap = "" if max_dlogp is None else f"max |dlogp| {max_dlogp:.2e}, "
             self.log(f"rollout {k}: reward {stats['reward']:.3f}, length {stats['length']:.1f}, "
-                     f"max |dlogp| {max_dlogp:.2e}, {stats['rollout_s']:.2f} s")
+                     f"{gap}{stats['rollout_s']:.2f} s")
         return batch
 
     # ---------------------------------------------------------------- the source protocol
@@ -293,7 +317,7 @@ class Rollouts:
                              f"does not split into micro-batches of {n}; make train.micro_batch_size divide it")
         order_len = self.cfg.rows * self.cfg.epochs
         if self.buffer is None or self.cursor >= order_len:
-            self.buffer = self.make_rollout(self.made)
+            self.buffer = self.make_rollout(self.made, on_policy=self.on_policy(n))
             self.made += 1
             self.cursor = 0
         rows = self._order(self.made - 1)[self.cursor:self.cursor + n]

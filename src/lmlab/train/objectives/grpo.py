@@ -49,6 +49,7 @@ class GRPO(OnlineObjective):
     """`objective(policy, batch) -> (loss, metrics)`; `group_size` is the rollout's G."""
 
     name = "grpo"
+    reads_rollout_forward = False  # advantages from the scores alone; no critic
 
     def __init__(self, policy: nn.Module, cfg: GRPOConfig = GRPOConfig(), *, group_size: int,
                  temperature: float = 1.0, max_new_tokens: int = 32, reference: nn.Module | None = None) -> None:
@@ -65,11 +66,13 @@ class GRPO(OnlineObjective):
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
+        # The entropy is only reported (no entropy bonus here): no gradient through it.
         lp = masked_logprobs(model, batch["input_ids"], batch["targets"], temperature=self.temperature,
-                             entropy=True)
+                             entropy=True, entropy_grad=False,
+                             keep_hidden="sampler_logp" in batch and self.temperature != 1.0)
         mask = lp.mask
-        per_token, clip_fraction, approx_kl = ppo_policy_loss(lp.tokens, batch["old_logp"], batch["advantages"],
-                                                              mask, cfg.clip_low, cfg.clip_high)
+        per_token, clip_fraction, approx_kl = ppo_policy_loss(lp.tokens, self.old_logp(batch, lp),
+                                                              batch["advantages"], mask, cfg.clip_low, cfg.clip_high)
         kl = None
         if cfg.beta > 0:
             kl = torch.where(mask, kl_penalty(lp.tokens, batch["ref_logp"], cfg.kl_estimator), 0.0)
@@ -78,7 +81,8 @@ class GRPO(OnlineObjective):
         with torch.no_grad():
             n = mask.sum().clamp(min=1)
             metrics = {"clip_fraction": clip_fraction, "approx_kl": approx_kl, "entropy": lp.entropy.sum() / n,
-                       "advantage_abs": batch["advantages"].abs().mean(), **self.rollout_metrics(batch)}
+                       "advantage_abs": batch["advantages"].abs().mean(), **self.rollout_metrics(batch),
+                       **self.sampler_metrics(model, batch, lp)}
             if kl is not None:
                 metrics["kl_ref"] = kl.sum() / n
         return loss, metrics

@@ -5,7 +5,9 @@ aggregation switch.
 A rollout batch holds `input_ids`, `targets` (completion tokens, IGNORE_INDEX elsewhere),
 `score` (B,), `old_logp`, optionally `ref_logp` and `old_values` (B, T), the advantage
 fields the objective's `advantages` filled, and `stat_*` (B,) rollout statistics that are
-logged as they are.
+logged as they are. An on-policy rollout (read once, in one micro-batch) may come without
+`old_logp` and with `sampler_logp` instead: the update's own log-probs, detached, are then
+the old ones (`old_logp`), and `sampler_metrics` reports the sampler gap from them.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from lmlab.data import IGNORE_INDEX
 from lmlab.errors import LmlabError
+from lmlab.train.logprobs import Logprobs, row_logprobs
 from lmlab.train.losses import LOSS_AGGREGATIONS, KL_ESTIMATORS, aggregate_loss
 from lmlab.train.rl import ema_update
 
@@ -31,6 +34,10 @@ def check_choice(value: str, table, what: str) -> None:
 class OnlineObjective:
     """Base of the online objectives. `reference`: a frozen copy of the policy (made here
     unless given), or None when nothing reads it (no KL, no EMA)."""
+
+    # Whether `advantages` or `values` read the rollout's own policy forward (old log-probs,
+    # a critic's values); if not, an on-policy rollout skips that forward (lmlab.train.rollout).
+    reads_rollout_forward = True
 
     def __init__(self, policy: nn.Module, *, temperature: float, aggregation: str, max_new_tokens: int,
                  kl_estimator: str, needs_reference: bool, ema: bool = False, eta: float = 0.0,
@@ -93,6 +100,26 @@ class OnlineObjective:
     def aggregate(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         params = {"max_len": self.max_new_tokens} if self.aggregation == "seq_mean_token_sum_norm" else {}
         return aggregate_loss(per_token, mask, self.aggregation, **params)
+
+    @staticmethod
+    def old_logp(batch: dict[str, Any], lp: Logprobs) -> torch.Tensor:
+        """The rollout's old log-probs, or, for an on-policy rollout that skipped its scoring
+        forward, the update's own (detached): the same weights produced both."""
+        old = batch.get("old_logp")
+        return lp.tokens.detach() if old is None else old
+
+    def sampler_metrics(self, model: nn.Module, batch: dict[str, Any], lp: Logprobs) -> dict[str, torch.Tensor]:
+        """`max_dlogp` of an on-policy rollout: the largest |log p| gap between the sampler
+        and this forward (temperature 1; at another temperature `lp` needs `hidden`)."""
+        if "sampler_logp" not in batch:
+            return {}
+        with torch.no_grad():
+            unit = lp.tokens
+            if self.temperature != 1.0:
+                rows, _, _ = row_logprobs(model, lp.hidden[lp.mask], batch["targets"][lp.mask])
+                unit = torch.zeros_like(lp.tokens).masked_scatter(lp.mask, rows)
+            gap = torch.where(lp.mask, unit.float() - batch["sampler_logp"].float(), 0.0)
+            return {"max_dlogp": gap.abs().max()}
 
     @staticmethod
     def rollout_metrics(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

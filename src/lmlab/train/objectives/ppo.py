@@ -138,8 +138,9 @@ class PPO(OnlineObjective):
     # ---------------------------------------------------------------- update side
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
+        # Without an entropy bonus the entropy is only reported: no gradient through it.
         lp = masked_logprobs(model, batch["input_ids"], batch["targets"], temperature=self.temperature,
-                             entropy=True, keep_hidden=cfg.shared_trunk)
+                             entropy=True, entropy_grad=cfg.entropy_coef != 0, keep_hidden=cfg.shared_trunk)
         mask = lp.mask
         pg, clip_fraction, approx_kl = ppo_policy_loss(lp.tokens, batch["old_logp"], batch["advantages"], mask,
                                                        cfg.clip, cfg.clip_high)
