@@ -55,6 +55,10 @@ from lmlab.io import write_json_atomic, write_text_atomic
 from lmlab.worlds.labeller import LabellerConfig
 
 
+# The packaged short recipe under the overrides below; the default one runs the whole
+# lifecycle with a noisy world, and this experiment's world stage must export clean labels.
+RECIPE = "quick"
+
 @dataclass(frozen=True)
 class Settings:
     world_n: int = 1200  # SFT conversations; also sets the preference pairs (2160 train, 240 ID test, 600 OOD)
@@ -99,15 +103,16 @@ def build_bases(seed: int, out: Path, s: Settings) -> tuple[Path, Path, Path]:
 
     corpus_world = out / "world-corpus"
     export_world("sort", corpus_world, seed=seed, n=s.world_n)
-    sets = ["stages=[tokenizer, shards, pretrain, world, sft]", f"data.vocab_size={s.vocab}", "data.seq_len=64",
-            "data.val_fraction=0.05", f"data.source={corpus_world / 'corpus.jsonl'}", f"model={s.model}",
+    sets = ["stages=[tokenizer, shards, pretrain, world, sft]", "world.flip_rate=0", f"data.vocab_size={s.vocab}",
+            "data.seq_len=64", "data.val_fraction=0.05", f"data.source={corpus_world / 'corpus.jsonl'}",
+            f"model={s.model}",
             f"train={{steps: {s.pretrain_steps}, batch_size: 16, lr: 3.0e-3, warmup_steps: 10, eval_every: 0, "
             f"log_every: 50, precision: float32, progress: false, seed: {seed}}}",
             f"world.seed={seed}", f"world.n={s.world_n}", "sft.data.seq_len=64",
             f"sft.train={{steps: {s.sft_steps}, batch_size: 8, lr: 1.0e-2, warmup_steps: 5, log_every: 50, "
             f"precision: float32, progress: false, checkpoint_every: {s.sft_checkpoint_every}, keep_checkpoints: 0}}",
             f"name=warm-base-{seed}"]
-    recipe, raw = load_recipe(None, sets)
+    recipe, raw = load_recipe(RECIPE, sets)
     main = out / "base"
     if not (main / "sft" / "stage.json").is_file():
         run_pipeline(recipe, main, raw=raw, echo=quiet, resume=main.exists())
@@ -119,7 +124,7 @@ def build_bases(seed: int, out: Path, s: Settings) -> tuple[Path, Path, Path]:
             if not (alt / stage).exists():
                 shutil.copytree(main / stage, alt / stage)
         shutil.copy(main / "run.json", alt / "run.json")
-        other, raw2 = load_recipe(None, sets + [f"train.seed={seed + 1000}"])
+        other, raw2 = load_recipe(RECIPE, sets + [f"train.seed={seed + 1000}"])
         run_pipeline(other, alt, raw=raw2, echo=quiet, resume=True)
     return main / "world", main / "sft" / "model", alt / "sft" / "model"
 

@@ -24,9 +24,9 @@ Per seed:
 5. judged on the world's held-out prompts by the gold reward: the win rate of each WARM
    policy against the single-RM policy (`lmlab.eval.win_rate`, ties count half), greedy and
    sampled at temperature 1, after the last rollout (the headline) and at every
-   `win_every`-th rollout's checkpoint (the win rate over training); and the gold-vs-proxy curve over PPO's rollouts (the
-   `reward` and `gold` columns of each run's metrics.jsonl: reward hacking is the proxy
-   rising while the gold reward stalls or falls).
+   `win_every`-th rollout's checkpoint (the win rate over training); and the gold-vs-proxy
+   curve over PPO's rollouts (the `reward` and `gold` columns of each run's metrics.jsonl:
+   reward hacking is the proxy rising while the gold reward stalls or falls).
 
 Writes, under --out: results.json (everything, per seed), experiment.json + results.md
 (`lmlab.report.results.write_results`: every seed and the mean per arm), warm_ppo.png.
@@ -45,6 +45,10 @@ import torch
 
 from lmlab.io import write_json_atomic
 
+
+# The packaged short recipe under the overrides below; the default one runs the whole
+# lifecycle with a noisy world, and this experiment's world stage must export clean labels.
+RECIPE = "quick"
 
 @dataclass(frozen=True)
 class Settings:
@@ -100,15 +104,16 @@ def build_base(seed: int, out: Path, s: Settings) -> Path:
     corpus_world = out / "world-corpus"
     if not (corpus_world / "world.json").is_file():
         export_world("sort", corpus_world, seed=seed, n=s.world_n)
-    sets = ["stages=[tokenizer, shards, pretrain, world, sft]", f"data.vocab_size={s.vocab}", "data.seq_len=64",
-            "data.val_fraction=0.05", f"data.source={corpus_world / 'corpus.jsonl'}", f"model={s.model}",
+    sets = ["stages=[tokenizer, shards, pretrain, world, sft]", "world.flip_rate=0", f"data.vocab_size={s.vocab}",
+            "data.seq_len=64", "data.val_fraction=0.05", f"data.source={corpus_world / 'corpus.jsonl'}",
+            f"model={s.model}",
             f"train={{steps: {s.pretrain_steps}, batch_size: 16, lr: 3.0e-3, warmup_steps: 10, eval_every: 0, "
             f"log_every: 50, precision: float32, progress: false, seed: {seed}}}",
             f"world.seed={seed}", f"world.n={s.world_n}", "sft.data.seq_len=64",
             f"sft.train={{steps: {s.sft_steps}, batch_size: 8, lr: 1.0e-2, warmup_steps: 5, log_every: 50, "
             f"precision: float32, progress: false, checkpoint_every: {s.sft_checkpoint_every}, keep_checkpoints: 0}}",
             f"name=warm-ppo-base-{seed}"]
-    recipe, raw = load_recipe(None, sets)
+    recipe, raw = load_recipe(RECIPE, sets)
     run = out / "base"
     if not (run / "sft" / "stage.json").is_file():
         run_pipeline(recipe, run, raw=raw, echo=quiet, resume=run.exists())
