@@ -26,7 +26,11 @@ Per seed:
      stranger errors) on further unseen prompts;
 5. linear mode connectivity: in-distribution accuracy along (1-l)·A + l·B for two members
    of the shared init, and for member 0 against the member from the other base;
-6. best-of-N: the SFT policy samples `--n-max` answers per held-out prompt once; for every
+6. with --baklava, a second member set (Baklava, `lmlab.rewards.members`): the same M
+   fine-tunes, member k starting from a different step checkpoint of the SFT run (spread
+   over it, every `sft_checkpoint_every` steps) with the shared probe's head; rows bkl_*,
+   and its own interpolation curve (its first and last member: the most distant starts);
+7. best-of-N: the SFT policy samples `--n-max` answers per held-out prompt once; for every
    n = 1, 2, 4, ... the *expected* gold reward of the proxy's argmax over n samples
    (`expected_best_of_n`, exact over random n-subsets of the pool) under the single best
    RM, ENS-10 and WARM-10, against KL(best-of-n || policy) = log n - (n-1)/n.
@@ -51,6 +55,10 @@ from lmlab.io import write_json_atomic, write_text_atomic
 from lmlab.worlds.labeller import LabellerConfig
 
 
+# The packaged short recipe under the overrides below; the default one runs the whole
+# lifecycle with a noisy world, and this experiment's world stage must export clean labels.
+RECIPE = "quick"
+
 @dataclass(frozen=True)
 class Settings:
     world_n: int = 1200  # SFT conversations; also sets the preference pairs (2160 train, 240 ID test, 600 OOD)
@@ -58,6 +66,7 @@ class Settings:
     model: str = "{preset: nano, n_layers: 2, d_model: 64, n_heads: 4, n_kv_heads: 2, ffn_hidden: 172, max_seq_len: 64}"
     pretrain_steps: int = 250
     sft_steps: int = 80
+    sft_checkpoint_every: int = 10  # the SFT run's step checkpoints: Baklava's starting points
     probe_steps: int = 60
     rm_steps: int = 250  # about 2 epochs of the training pairs
     rm_batch: int = 16
@@ -71,10 +80,11 @@ class Settings:
     max_new_tokens: int = 16
     temperature: float = 1.0
     lmc_points: int = 11
+    baklava: bool = False
 
 
-QUICK = Settings(world_n=40, vocab=300, pretrain_steps=4, sft_steps=3, probe_steps=3, rm_steps=3, rm_batch=4,
-                 members=3, ms=(2, 3), bon_prompts=3, n_max=8, max_new_tokens=8, lmc_points=3)
+QUICK = Settings(world_n=40, vocab=300, pretrain_steps=4, sft_steps=3, sft_checkpoint_every=1, probe_steps=3,
+                 rm_steps=3, rm_batch=4, members=3, ms=(2, 3), bon_prompts=3, n_max=8, max_new_tokens=8, lmc_points=3)
 
 
 def quiet(*_):
@@ -93,14 +103,16 @@ def build_bases(seed: int, out: Path, s: Settings) -> tuple[Path, Path, Path]:
 
     corpus_world = out / "world-corpus"
     export_world("sort", corpus_world, seed=seed, n=s.world_n)
-    sets = ["stages=[tokenizer, shards, pretrain, world, sft]", f"data.vocab_size={s.vocab}", "data.seq_len=64",
-            "data.val_fraction=0.05", f"data.source={corpus_world / 'corpus.jsonl'}", f"model={s.model}",
+    sets = ["stages=[tokenizer, shards, pretrain, world, sft]", "world.flip_rate=0", f"data.vocab_size={s.vocab}",
+            "data.seq_len=64", "data.val_fraction=0.05", f"data.source={corpus_world / 'corpus.jsonl'}",
+            f"model={s.model}",
             f"train={{steps: {s.pretrain_steps}, batch_size: 16, lr: 3.0e-3, warmup_steps: 10, eval_every: 0, "
             f"log_every: 50, precision: float32, progress: false, seed: {seed}}}",
             f"world.seed={seed}", f"world.n={s.world_n}", "sft.data.seq_len=64",
             f"sft.train={{steps: {s.sft_steps}, batch_size: 8, lr: 1.0e-2, warmup_steps: 5, log_every: 50, "
-            "precision: float32, progress: false}", f"name=warm-base-{seed}"]
-    recipe, raw = load_recipe(None, sets)
+            f"precision: float32, progress: false, checkpoint_every: {s.sft_checkpoint_every}, keep_checkpoints: 0}}",
+            f"name=warm-base-{seed}"]
+    recipe, raw = load_recipe(RECIPE, sets)
     main = out / "base"
     if not (main / "sft" / "stage.json").is_file():
         run_pipeline(recipe, main, raw=raw, echo=quiet, resume=main.exists())
@@ -112,7 +124,7 @@ def build_bases(seed: int, out: Path, s: Settings) -> tuple[Path, Path, Path]:
             if not (alt / stage).exists():
                 shutil.copytree(main / stage, alt / stage)
         shutil.copy(main / "run.json", alt / "run.json")
-        other, raw2 = load_recipe(None, sets + [f"train.seed={seed + 1000}"])
+        other, raw2 = load_recipe(RECIPE, sets + [f"train.seed={seed + 1000}"])
         run_pipeline(other, alt, raw=raw2, echo=quiet, resume=True)
     return main / "world", main / "sft" / "model", alt / "sft" / "model"
 
@@ -237,32 +249,37 @@ def run_flip(seed: int, flip: float, out: Path, world_clean: Path, sft: Path, sf
                for i in range(s.members)]
     probe_other = train_rm(sft_other, prefs, out / "other-probe", "head", s.probe_steps, 1e-2, seed, s)
     other = train_rm(probe_other, prefs, out / "other-m0", "full", s.rm_steps, s.lrs[0], seed * 100, s)
-    log(f"  flip {flip:g}: probe + {s.members} members + other-init member trained in "
-        f"{time.perf_counter() - t0:.0f} s")
+    member_sets = {"": members}
+    if s.baklava:
+        member_sets["bkl_"] = baklava_members(seed, sft, prefs, out / "baklava", s)
+    log(f"  flip {flip:g}: probe + {s.members} members + other-init member"
+        f"{' + Baklava members' if s.baklava else ''} trained in {time.perf_counter() - t0:.0f} s")
     sets = eval_sets(noisy, world_clean)
-    rewards = [ModelReward.from_dir(m, batch_size=256) for m in members]
-    margins = {name: np.stack([d.margins(r) for r in rewards]) for name, d in sets.items()}  # (M, pairs)
-    pool_scores = np.stack([score_pool(pool, r) for r in rewards])  # (M, P, N)
 
     rows: dict[str, dict] = {}
-    for i in range(s.members):
-        rows[f"member{i}"] = {k: accuracy(v[i]) for k, v in margins.items()}
-    best = int(np.argmax([rows[f"member{i}"]["val"] for i in range(s.members)]))
-    rows["single_best"] = {**rows[f"member{best}"], "member": best}
-    rows["single_mean"] = {k: statistics.fmean(rows[f"member{i}"][k] for i in range(s.members))
-                           if rows["member0"][k] is not None else None for k in margins}
-    bon_scores = {"single": pool_scores[best]}
-    for m in s.ms:
-        # ENS-M: the mean of the members' scores (EnsembleReward mode "mean") on each pair's two sides.
-        rows[f"ens{m}"] = {k: accuracy(v[:m].mean(0)) for k, v in margins.items()}
-        warm_dir = out / f"warm{m}"
-        if not (warm_dir / "config.json").is_file():
-            warm_average(members[:m], warm_dir)
-        warm = ModelReward.from_dir(warm_dir, batch_size=256)
-        rows[f"warm{m}"] = {k: accuracy(d.margins(warm)) for k, d in sets.items()}
-        if m == max(s.ms):
-            bon_scores[f"ens{m}"] = pool_scores[:m].mean(0)
-            bon_scores[f"warm{m}"] = score_pool(pool, warm)
+    bon_scores = {}
+    for prefix, dirs in member_sets.items():
+        rewards = [ModelReward.from_dir(m, batch_size=256) for m in dirs]
+        margins = {name: np.stack([d.margins(r) for r in rewards]) for name, d in sets.items()}  # (M, pairs)
+        pool_scores = np.stack([score_pool(pool, r) for r in rewards])  # (M, P, N)
+        for i in range(s.members):
+            rows[f"{prefix}member{i}"] = {k: accuracy(v[i]) for k, v in margins.items()}
+        best = int(np.argmax([rows[f"{prefix}member{i}"]["val"] for i in range(s.members)]))
+        rows[f"{prefix}single_best"] = {**rows[f"{prefix}member{best}"], "member": best}
+        rows[f"{prefix}single_mean"] = {k: statistics.fmean(rows[f"{prefix}member{i}"][k] for i in range(s.members))
+                                        if rows[f"{prefix}member0"][k] is not None else None for k in margins}
+        bon_scores[f"{prefix}single"] = pool_scores[best]
+        for m in s.ms:
+            # ENS-M: the mean of the members' scores (EnsembleReward mode "mean") on each pair's two sides.
+            rows[f"{prefix}ens{m}"] = {k: accuracy(v[:m].mean(0)) for k, v in margins.items()}
+            warm_dir = out / f"{prefix}warm{m}"
+            if not (warm_dir / "config.json").is_file():
+                warm_average(dirs[:m], warm_dir)
+            warm = ModelReward.from_dir(warm_dir, batch_size=256)
+            rows[f"{prefix}warm{m}"] = {k: accuracy(d.margins(warm)) for k, d in sets.items()}
+            if m == max(s.ms):
+                bon_scores[f"{prefix}ens{m}"] = pool_scores[:m].mean(0)
+                bon_scores[f"{prefix}warm{m}"] = score_pool(pool, warm)
     bon_scores["gold_oracle"] = gold
     ns = powers_of_two(pool.n)
     bon = {name: [{"n": n, "kl": best_of_n_kl(n), "gold": g,
@@ -271,10 +288,32 @@ def run_flip(seed: int, flip: float, out: Path, world_clean: Path, sft: Path, sf
            for name, sc in bon_scores.items()}
     lmc = {"shared_init": interpolation_curve(members[0], members[1], sets["id"], s.lmc_points),
            "different_init": interpolation_curve(members[0], other, sets["id"], s.lmc_points)}
+    if s.baklava:
+        bkl = member_sets["bkl_"]
+        lmc["baklava"] = interpolation_curve(bkl[0], bkl[-1], sets["id"], s.lmc_points)
     lmc["barrier"] = {k: barrier(v) for k, v in list(lmc.items())}
     return {"seed": seed, "flip_rate": flip, "n_flipped": len(sets["memorised"].prompts),
             "n_train": len(sets["train_noisy"].prompts), "accuracy": rows, "lmc": lmc, "best_of_n": bon,
             "lrs": [s.lrs[i % len(s.lrs)] for i in range(s.members)]}
+
+
+def baklava_members(seed: int, sft: Path, prefs: Path, out: Path, s: Settings) -> list[Path]:
+    """The same M fine-tunes (learning rates, data-order seeds, steps) as the shared-init
+    members, member k starting from one of the SFT run's step checkpoints with the probe's
+    head (a probe trained exactly as the shared one: same steps, lr and seed)."""
+    from lmlab.rewards.members import baklava_starts, train_members
+    from lmlab.rewards.train import RewardConfig
+    from lmlab.train.config import TrainConfig
+
+    def cfg(method: str, steps: int, lr: float, train_seed: int) -> RewardConfig:
+        train = TrainConfig(steps=steps, batch_size=s.rm_batch, lr=lr, warmup_steps=min(10, steps // 5),
+                            weight_decay=0.0, precision="float32", progress=False, log_every=1000, seed=train_seed)
+        return RewardConfig(method=method, train=train, eval_batch_size=256)
+
+    members = [cfg("full", s.rm_steps, s.lrs[i % len(s.lrs)], seed * 100 + i) for i in range(s.members)]
+    starts = baklava_starts(sft.parent / "checkpoints", s.members)
+    return train_members(sft, prefs, out, cfg("head", s.probe_steps, 1e-2, seed), members, starts, resume=True,
+                         log=quiet).models
 
 
 def run_seed(seed: int, out: Path, s: Settings, log) -> list[dict]:
@@ -328,7 +367,8 @@ def _f(x) -> str:
 
 
 def rm_names(s: Settings) -> list[str]:
-    return ["single_best", "single_mean"] + [f"{k}{m}" for m in s.ms for k in ("ens", "warm")]
+    names = ["single_best", "single_mean"] + [f"{k}{m}" for m in s.ms for k in ("ens", "warm")]
+    return names + ([f"bkl_{n}" for n in names] if s.baklava else [])
 
 
 def accuracy_table(results: list[dict], s: Settings) -> list[str]:
@@ -353,7 +393,7 @@ def lmc_table(results: list[dict], s: Settings) -> list[str]:
     lines = ["| flip | seed | pair | " + " | ".join(f"λ={x:.1f}" for x in lams) + " | barrier |",
              "|---|---|---|" + "---|" * (len(lams) + 1)]
     for r in results:
-        for pair in ("shared_init", "different_init"):
+        for pair in (p for p in ("shared_init", "different_init", "baklava") if p in r["lmc"]):
             lines.append(f"| {r['flip_rate']:.0%} | {r['seed']} | {pair} | "
                          + " | ".join(_f(x) for x in r["lmc"][pair]) + f" | {_f(r['lmc']['barrier'][pair])} |")
     return lines
@@ -392,8 +432,10 @@ def plots(results: list[dict], s: Settings, out: Path) -> list[Path]:
     fig, axes = plt.subplots(2, len(flips), figsize=(5.5 * len(flips), 7), squeeze=False)
     for col, flip in enumerate(flips):
         rs = [r for r in results if r["flip_rate"] == flip]
-        for name, style in (("single", "o-"), (f"ens{max(s.ms)}", "s-"), (f"warm{max(s.ms)}", "^-"),
-                            ("gold_oracle", "k:")):
+        styles = [("single", "o-"), (f"ens{max(s.ms)}", "s-"), (f"warm{max(s.ms)}", "^-"), ("gold_oracle", "k:")]
+        if s.baklava:
+            styles.insert(3, (f"bkl_warm{max(s.ms)}", "v--"))
+        for name, style in styles:
             kl = [p["kl"] for p in rs[0]["best_of_n"][name]]
             gold = np.mean([[p["gold"] for p in r["best_of_n"][name]] for r in rs], axis=0)
             axes[0][col].plot(kl, gold, style, label=name)
@@ -419,6 +461,9 @@ def plots(results: list[dict], s: Settings, out: Path) -> list[Path]:
                               label="shared init" if r is results[0] or r["seed"] == results[0]["seed"] else None)
             axes[0][col].plot(lams, r["lmc"]["different_init"], "r--", alpha=0.7,
                               label="different init" if r["seed"] == results[0]["seed"] else None)
+            if "baklava" in r["lmc"]:
+                axes[0][col].plot(lams, r["lmc"]["baklava"], "g-.", alpha=0.7,
+                                  label="Baklava (first vs last start)" if r["seed"] == results[0]["seed"] else None)
         axes[0][col].set_title(f"{flip:.0%} flipped: ID accuracy along (1-λ)A + λB")
         axes[0][col].set_xlabel("λ")
         axes[0][col].legend(fontsize=8)
@@ -437,9 +482,16 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a toy configuration (for the test): seconds")
     parser.add_argument("--members", type=int, help="reward models per flip rate (default 10; 3 with --quick)")
     parser.add_argument("--n-max", type=int, help="samples per prompt for best-of-n (default 256)")
+    parser.add_argument("--baklava", action="store_true",
+                        help="add Baklava's member set (members from different SFT checkpoints): rows bkl_*")
+    parser.add_argument("--flips", type=float, nargs="+", help="flip rates (default 0 0.25)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
+    if args.baklava:
+        s = replace(s, baklava=True)
+    if args.flips:
+        s = replace(s, flip_rates=tuple(args.flips))
     if args.members:
         s = replace(s, members=args.members, ms=tuple(m for m in s.ms if m <= args.members) or (args.members,))
     if args.n_max:

@@ -210,6 +210,43 @@ def test_warm_needs_two_members_and_matching_weights(rewarded, tmp_path):
         stage_module("warm").run(StageContext("warm", tmp_path, recipe, echo=quiet))
 
 
+def test_baklava_members_start_from_different_sft_checkpoints_and_still_average(base_run, tmp_path):
+    """reward.init=baklava: member k's trunk starts from the sft run's step checkpoint (the
+    LoRA members leave the embedding frozen, so theirs is still that checkpoint's, bit for
+    bit, and the two differ), its head from the shared probe; WARM averages them."""
+    from lmlab.checkpoint import load_state_dict
+
+    recipe = stage_run(base_run, tmp_path, "reward", ("sft", "world"), extra=["reward.init=baklava"])
+    report = json.loads((tmp_path / "reward/reward_report.json").read_text())
+    assert report["init"] == "baklava"
+    assert [m["start"] for m in report["members"]] == ["sft/checkpoints/step-2", "sft/checkpoints/step-4"]
+    starts = [load_state_dict(tmp_path / f"sft/checkpoints/step-{n}/model.safetensors") for n in (2, 4)]
+    members = [load_state_dict(tmp_path / f"reward/member-{k}/model/model.safetensors") for k in range(2)]
+    embed = "embed.weight"
+    assert not torch.equal(starts[0][embed], starts[1][embed])  # the SFT trained the embedding in between
+    for start, member in zip(starts, members):
+        assert torch.equal(member["transformer." + embed], start[embed])
+    # Both members trained from the probe's head, not a fresh zero one: the probe's head is
+    # on the final SFT model's trunk (the shared-init recipe's start).
+    probe = load_state_dict(tmp_path / "reward/probe/model/model.safetensors")
+    final = load_state_dict(tmp_path / "sft/model/model.safetensors")
+    assert torch.equal(probe["transformer." + embed], final[embed]) and probe["score.weight"].abs().sum() > 0
+    stage_module("warm").run(StageContext("warm", tmp_path, recipe, echo=quiet))
+    warm = load_state_dict(tmp_path / "warm/model/model.safetensors")
+    for k, v in warm.items():
+        assert torch.equal(v, ((members[0][k].double() + members[1][k].double()) / 2).to(v.dtype)), k
+    assert json.loads((tmp_path / "warm/warm_report.json").read_text())["accuracy"]["warm"]
+
+
+def test_baklava_needs_the_sft_runs_checkpoints(base_run, tmp_path):
+    shutil.copytree(base_run[0] / "sft", tmp_path / "sft", ignore=shutil.ignore_patterns("step-2"))
+    with pytest.raises(LmlabError, match="checkpoint_every"):
+        stage_run(base_run, tmp_path, "reward", ("sft", "world"), extra=["reward.init=baklava"])
+    assert not (tmp_path / "reward" / "probe").exists()  # refused before anything trains
+    with pytest.raises(LmlabError, match="reward.init"):
+        load_recipe(None, [*base_sets(), "reward.init=bakalva"])
+
+
 def base_sets():
     return [*TINY, *SETS]
 

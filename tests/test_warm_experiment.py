@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,3 +102,29 @@ def test_warm_experiment_smallest_configuration(tmp_path):
     stamp = (tmp_path / "seed0" / "seed_results.json").stat().st_mtime_ns
     assert exp.main(["--quick", "--out", str(tmp_path), "--seeds", "0", "--members", "2", "--n-max", "4"]) == 0
     assert (tmp_path / "seed0" / "seed_results.json").stat().st_mtime_ns == stamp
+
+
+def test_warm_experiment_baklava_arm(tmp_path):
+    """--baklava adds a second member set started from the SFT run's step checkpoints
+    (QUICK: 3 steps, a checkpoint each; two members start from the first and the last),
+    reported beside the shared-init rows and averaged by WARM."""
+    from lmlab.checkpoint import load_state_dict
+
+    exp = load()
+    assert exp.main(["--quick", "--out", str(tmp_path), "--seeds", "0", "--members", "2", "--n-max", "4",
+                     "--flips", "0.25", "--baklava"]) == 0
+    (r,) = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert {"bkl_member0", "bkl_member1", "bkl_single_best", "bkl_ens2", "bkl_warm2"} <= set(r["accuracy"])
+    assert {"bkl_single", "bkl_ens2", "bkl_warm2"} <= set(r["best_of_n"]) and len(r["lmc"]["baklava"]) == 3
+    flip = tmp_path / "seed0" / "flip0.25"
+    shared = [load_state_dict(flip / f"m{i}" / "model" / "model.safetensors") for i in range(2)]
+    bkl = [load_state_dict(flip / "baklava" / f"member-{i}" / "model" / "model.safetensors") for i in range(2)]
+    # The Baklava probe is the shared one retrained with the same settings: bit for bit equal.
+    assert all(torch.equal(a, b) for a, b in zip(
+        load_state_dict(flip / "probe" / "model" / "model.safetensors").values(),
+        load_state_dict(flip / "baklava" / "probe" / "model" / "model.safetensors").values()))
+    key = "transformer.embed.weight"
+    assert not torch.equal(bkl[0][key], shared[0][key])  # member 0 started from step-1, not the final SFT
+    warm = load_state_dict(flip / "bkl_warm2" / "model.safetensors")
+    assert torch.equal(warm[key], ((bkl[0][key].double() + bkl[1][key].double()) / 2).to(warm[key].dtype))
+    assert "| bkl_warm2 | 0 |" in (tmp_path / "results.md").read_text()

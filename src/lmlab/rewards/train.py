@@ -42,6 +42,9 @@ class RewardConfig:
     full_lr: float | None = None  # learning rate of method full (default train.lr)
     center_weight: float = 0.0  # weight of mean((r_c + r_r)^2)
     head_init_std: float = 0.0  # 0: zero head (every pair starts at loss ln 2)
+    # A reward checkpoint whose score head replaces the new one on a language-model base:
+    # Baklava's members put WARM's one shared linear probe on other SFT checkpoints' trunks.
+    head_from: str = ""
     eval_batch_size: int = 16
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -112,10 +115,11 @@ def _split(pairs, data: PreferenceDataConfig):
     return (pairs[:-n_val], pairs[-n_val:]) if n_val else (pairs, None)
 
 
-def initial_reward_model(base_dir: str | Path, head_init_std: float = 0.0, device: str = "cpu") -> RewardModel:
+def initial_reward_model(base_dir: str | Path, head_init_std: float = 0.0, device: str = "cpu",
+                         head_from: str | Path | None = None) -> RewardModel:
     """The starting point: a reward checkpoint as it is (e.g. a linear probe, so WARM's
     members share trunk *and* head), or a language model (SFT; lmlab or Hugging Face)
-    with a new head."""
+    with a new head, or with the head of the reward checkpoint `head_from` (Baklava)."""
     from lmlab.checkpoint import is_lmlab_dir, read_config_json
     from lmlab.hub import load_model
     from lmlab.rewards.io import load_reward_model
@@ -123,8 +127,21 @@ def initial_reward_model(base_dir: str | Path, head_init_std: float = 0.0, devic
     meta = read_config_json(base_dir)
     hf_classifier = any(a.endswith("ForSequenceClassification") for a in meta.get("architectures") or [])
     if hf_classifier or (is_lmlab_dir(base_dir) and meta.get("kind") == RewardModel.kind):
+        if head_from:
+            raise LmlabError(f"head_from puts a probe's head on a language model's trunk, but the base {base_dir} "
+                             "is already a reward model: give an SFT checkpoint as the base, or drop head_from")
         return load_reward_model(base_dir, device=device)
-    return RewardModel.from_lm(load_model(base_dir, device=device), head_init_std)
+    rm = RewardModel.from_lm(load_model(base_dir, device=device), head_init_std)
+    if head_from:
+        donor = load_reward_model(head_from, device=device)
+        if donor.config != rm.config:
+            diff = next(k for k in asdict(rm.config) if getattr(rm.config, k) != getattr(donor.config, k))
+            raise LmlabError(f"the head of {head_from} was trained on another architecture than {base_dir} "
+                             f"(model.{diff}: {getattr(donor.config, diff)!r} vs {getattr(rm.config, diff)!r}); "
+                             "use a probe trained on a checkpoint of the same SFT run")
+        with torch.no_grad():
+            rm.score.weight.copy_(donor.score.weight)
+    return rm
 
 
 def train_reward_model(base_dir: str | Path, data_path: str | Path, out_dir: str | Path,
@@ -141,7 +158,7 @@ def train_reward_model(base_dir: str | Path, data_path: str | Path, out_dir: str
         log(f"left out {prefs.skipped_identical} pairs whose chosen equals rejected")
     train_pairs, val_pairs = _split(prefs.pairs, cfg.data)
     tokenizer = Tokenizer.load(base_dir)
-    rm = initial_reward_model(base_dir, cfg.head_init_std, cfg.train.device)
+    rm = initial_reward_model(base_dir, cfg.head_init_std, cfg.train.device, cfg.head_from or None)
     return train_reward_on_pairs(rm, tokenizer, train_pairs, val_pairs, out_dir, cfg, resume=resume, log=log,
                                  with_margin=prefs.has_margin)
 

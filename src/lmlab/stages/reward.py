@@ -1,7 +1,9 @@
 """Stage `reward`: M reward models from ONE shared initialisation, as WARM prescribes
 (Ramé et al. 2024): a linear probe on the SFT model first (`lmlab.rewards.train`, method
 "head": only the score head trains), then each member fine-tuned from the probe (LoRA,
-DoRA or full) with its own learning rate and seed (data order, adapter init) -> reward/
+DoRA or full) with its own learning rate and seed (data order, adapter init) -- or, with
+`init: baklava`, from different step checkpoints of the sft stage's run (sft/checkpoints/,
+spread over the run; each trunk gets the probe's head; lmlab.rewards.members) -> reward/
 probe/, reward/member-<k>/ (each a `train_reward_model` run directory with model/) and
 reward/reward_report.json: every model's accuracy on the world's training pairs whose label
 the gold reward confirms (clean) or contradicts (noisy), and on the held-out pairs in and
@@ -34,6 +36,9 @@ def _member_train() -> TrainConfig:
 @dataclass(frozen=True)
 class RewardStageConfig:
     members: int = 4
+    # Where members start: shared (the probe) | baklava (the sft run's step checkpoints,
+    # which needs sft.train.checkpoint_every > 0 and sft.train.keep_checkpoints: 0).
+    init: str = "shared"
     method: str = "lora"  # how each member fine-tunes the probe: lora | dora | full
     # Diversity knobs, one entry per member (empty: train.lr for all; seeds train.seed + k).
     lrs: tuple[float, ...] = ()
@@ -51,6 +56,10 @@ class RewardStageConfig:
         if self.method not in MEMBER_METHODS:
             raise LmlabError(f"reward.method (how members fine-tune the probe) must be one of "
                              f"{', '.join(MEMBER_METHODS)}, got {self.method!r}")
+        from lmlab.rewards.members import INITS
+
+        if self.init not in INITS:
+            raise LmlabError(f"reward.init must be one of {', '.join(INITS)}, got {self.init!r}")
         for name in ("lrs", "seeds"):
             values = getattr(self, name)
             if values and len(values) != self.members:
@@ -71,20 +80,6 @@ class RewardStageConfig:
 CONFIG = ("reward", RewardStageConfig)
 
 
-def member_name(k: int) -> str:
-    return f"member-{k}"
-
-
-def _train_once(base, data_path, out, cfg, resume: bool, log):
-    """One `train_reward_model` run; a run whose report exists (written last) is reused."""
-    from lmlab.rewards.train import train_reward_model
-
-    if resume and (out / REPORT).is_file():
-        log(f"{out.name}: complete, reusing {out / 'model'}")
-        return
-    train_reward_model(base, data_path, out, cfg, resume="auto" if resume else False, log=log)
-
-
 def cost(recipe) -> float:
     from lmlab.stages.common import FORWARD, PAIR_TOKENS, train_tokens
 
@@ -97,11 +92,10 @@ def run(ctx) -> None:
     import json
     from dataclasses import replace
 
-    import torch
-
     from lmlab.io import write_json_atomic
     from lmlab.rewards.accuracy import accuracies
     from lmlab.rewards.base import ModelReward
+    from lmlab.rewards.members import baklava_starts, member_name, train_members
     from lmlab.rewards.train import RewardConfig
     from lmlab.stages.common import model_dir, preference_eval_sets, sort_world_preferences
 
@@ -109,17 +103,14 @@ def run(ctx) -> None:
     sft = model_dir(ctx.run_dir, "sft")
     data_path = cfg.data.train or str(sort_world_preferences(ctx.run_dir, world) / "preferences_train.jsonl")
     data = replace(cfg.data, train="")
+    starts = baklava_starts(sft.parent / "checkpoints", cfg.members) if cfg.init == "baklava" else None
+    ctx.echo(f"reward: linear probe on {sft}, then {cfg.members} members ({cfg.method}) from "
+             + ("the probe" if starts is None else "SFT checkpoints " + ", ".join(p.name for p in starts)))
+    trained = train_members(
+        sft, data_path, ctx.out, RewardConfig(method="head", data=data, train=cfg.probe),
+        [RewardConfig(method=cfg.method, data=data, adapter=cfg.adapter, train=cfg.member_train(k))
+         for k in range(cfg.members)], starts, resume=ctx.resume, log=ctx.echo)
     probe = ctx.out / "probe"
-    ctx.echo(f"reward: linear probe on {sft}")
-    torch.manual_seed(cfg.probe.seed)
-    _train_once(sft, data_path, probe, RewardConfig(method="head", data=data, train=cfg.probe), ctx.resume, ctx.echo)
-    for k in range(cfg.members):
-        train_k = cfg.member_train(k)
-        ctx.echo(f"reward: {member_name(k)} ({cfg.method}, lr {train_k.lr:g}, seed {train_k.seed}) from the probe")
-        torch.manual_seed(train_k.seed)  # the adapter's initialisation differs per member too
-        _train_once(probe / "model", data_path, ctx.out / member_name(k),
-                    RewardConfig(method=cfg.method, data=data, adapter=cfg.adapter, train=train_k),
-                    ctx.resume, ctx.echo)
 
     sets, counts = preference_eval_sets(ctx.run_dir, world, cfg.eval_pairs)
     device = cfg.train.device
@@ -130,12 +121,15 @@ def run(ctx) -> None:
     members = []
     for k in range(cfg.members):
         out = ctx.out / member_name(k)
-        trained = json.loads((out / REPORT).read_text(encoding="utf-8"))
+        report_k = json.loads((out / REPORT).read_text(encoding="utf-8"))
         train_k = cfg.member_train(k)
+        start = trained.starts[k]
         members.append({"name": member_name(k), "model": f"{member_name(k)}/model", "lr": train_k.lr,
-                        "seed": train_k.seed, "steps": trained["steps"], "accuracy": evaluate(out)})
+                        "seed": train_k.seed, "steps": report_k["steps"], "accuracy": evaluate(out),
+                        "start": str(start.relative_to(ctx.run_dir)) if start.is_relative_to(ctx.run_dir)
+                        else str(start)})
         ctx.echo(f"reward: {member_name(k)} " + _format(members[-1]["accuracy"]))
-    report = {"method": cfg.method, "flip_rate": world.flip_rate, "members": members,
+    report = {"method": cfg.method, "init": cfg.init, "flip_rate": world.flip_rate, "members": members,
               "probe": {"model": "probe/model", "accuracy": evaluate(probe)},
               "sets": {k: len(v) for k, v in sets.items()}, "pairs": counts}
     ctx.echo("reward: probe " + _format(report["probe"]["accuracy"]))
