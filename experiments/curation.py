@@ -90,12 +90,12 @@ def train_and_compare(out: Path, heldout: list[str], tokens: int, overrides: lis
     from lmlab.pipeline import load_recipe, run_pipeline
     from lmlab.tokenizer import train_tokenizer
 
-    recipe, _ = load_recipe(None, overrides)
+    recipe, _ = load_recipe("quick", overrides)
     tok = train_tokenizer((d["text"] for d in read_documents(out / "raw.jsonl")), recipe.data.vocab_size)
     tok.save(out / "tokenizer.json")
     results = {}
     for name in ("raw", "curated"):
-        recipe, raw = load_recipe(None, [*overrides, f"name=curation-{name}", f"data.source={out / name}.jsonl",
+        recipe, raw = load_recipe("quick", [*overrides, f"name=curation-{name}", f"data.source={out / name}.jsonl",
                                          f"data.tokenizer={out / 'tokenizer.json'}", f"train.tokens={tokens}"])
         run_pipeline(recipe, out / f"run-{name}", raw=raw, stages=("tokenizer", "shards", "pretrain"))
         model = load_model(out / f"run-{name}" / "pretrain" / "model")

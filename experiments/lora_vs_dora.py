@@ -50,7 +50,7 @@ METRICS = ["exact_match", "val_loss", "trainable", "trainable_percent"]
 def run_seed(seed: int, out: Path, steps: int, lrs: list[float]) -> list[dict]:
     world = out / f"seed{seed}" / "world"
     export_world("sort", world, seed=seed, n=2000)
-    recipe, raw = load_recipe(None, PRETRAIN + [f"data.source={world / 'corpus.jsonl'}", f"train.seed={seed}",
+    recipe, raw = load_recipe("quick", PRETRAIN + [f"data.source={world / 'corpus.jsonl'}", f"train.seed={seed}",
                                                  f"name=sort-base-{seed}"])
     base_dir = run_pipeline(recipe, out / f"seed{seed}" / "base", raw=raw).path("pretrain") / "model"
     data = apply_overrides(load_yaml(RECIPE), [f"data.train={world / 'sft.jsonl'}", f"train.steps={steps}",

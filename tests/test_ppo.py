@@ -253,3 +253,34 @@ def test_stage_reads_the_sft_model_and_world_by_name(tmp_path):
     grpo_stage.run(StageContext("grpo", root, recipe, echo=lambda s: None))
     report = _json.loads((root / "grpo" / "rl_report.json").read_text())
     assert report["method"] == "grpo" and "gold_dense" in report["after"]
+
+
+def test_empty_completions_under_a_reward_model_get_the_rollouts_lowest_score():
+    """A reward model cannot render an empty answer (its template refuses one): PPO against
+    WARM once crashed on the first empty sample. Such completions now get the lowest score
+    of the rollout; a programmatic reward still scores them itself."""
+    from types import SimpleNamespace
+
+    from lmlab.train.rollout import RolloutConfig, Rollouts
+
+    class Model:  # refuses empty answers, as ModelReward's template does
+        scores_empty = False
+
+        def score(self, prompts, texts):
+            assert all(t.strip() for t in texts), "an empty answer reached the reward model"
+            return torch.tensor([float(len(t)) for t in texts])
+
+    class Programmatic:
+        scores_empty = True
+
+        def score(self, prompts, texts):
+            return torch.tensor([-5.0 if not t else 1.0 for t in texts])
+
+    me = SimpleNamespace(cfg=RolloutConfig())
+    texts = ["ab", "", "abcd", " "]
+    got = Rollouts._score(me, Model(), ["p"] * 4, texts)
+    assert got.tolist() == [2.0, 2.0, 4.0, 2.0]
+    assert Rollouts._score(me, Programmatic(), ["p"] * 4, ["x", ""]).tolist() == [1.0, -5.0]
+    assert Rollouts._score(SimpleNamespace(cfg=RolloutConfig(empty_score=-1.0)), Model(), ["p"] * 2,
+                           ["abc", ""]).tolist() == [3.0, -1.0]
+    assert Rollouts._score(me, Model(), ["p"] * 2, ["", ""]).tolist() == [0.0, 0.0]

@@ -20,6 +20,10 @@ GOLD_KINDS = ("dense", "sparse")
 
 @runtime_checkable
 class Reward(Protocol):
+    # Whether an empty completion can be scored: a learned reward model cannot render an
+    # empty assistant turn (its template refuses one), a programmatic reward can.
+    scores_empty: bool
+
     def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor: ...
 
 
@@ -34,6 +38,8 @@ class ModelReward:
 
     Rows are scored in batches of `batch_size`, longest first so little padding is run,
     and returned in input order."""
+
+    scores_empty = False
 
     def __init__(self, rm, tokenizer, batch_size: int = 16, template: str = "lmlab",
                  truncate: bool = False) -> None:
@@ -87,6 +93,10 @@ class EnsembleReward:
     "mean_minus_std" subtracts k times their spread (population std over the M members),
     a conservative reward that pays less where the members disagree."""
 
+    @property
+    def scores_empty(self) -> bool:
+        return all(getattr(m, "scores_empty", True) for m in self.members)
+
     def __init__(self, members: Sequence[Reward], mode: str = "mean", k: float = 1.0) -> None:
         if not members:
             raise LmlabError("an ensemble needs at least one member reward")
@@ -115,6 +125,8 @@ class GoldReward:
 
     ended: None reads whether an answer ended from the END marker in its text; True treats
     every completion as ended (preference pairs and chat-closed answers are)."""
+
+    scores_empty = True
 
     def __init__(self, world: str = "sort", kind: str = "dense", ended: bool | None = None) -> None:
         if world != "sort":

@@ -65,7 +65,9 @@ class RolloutConfig:
     epochs: int = 1  # passes over each rollout (PPO epochs)
     forward_batch: int = 64  # rows per no-grad forward when scoring a rollout
     format_penalty: float = 0.0  # subtracted from the reward of a completion that never stopped
-    empty_score: float | None = None  # reward of an empty completion (None: the reward scores it)
+    # reward of an empty completion (None: the reward's own score, or for a reward model,
+    # which cannot score one, the rollout's lowest)
+    empty_score: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -218,13 +220,19 @@ class Rollouts:
         return out
 
     def _score(self, reward, prompts: list[str], texts: list[str]) -> torch.Tensor:
+        """The reward of each completion. An empty one gets `empty_score`; without it, the
+        reward's own score where it can give one, else (a learned reward model) the lowest
+        score of the rollout's other completions: saying nothing is never better."""
         empty = [i for i, t in enumerate(texts) if not t.strip()]
-        if self.cfg.empty_score is None or not empty:
+        if not empty or (self.cfg.empty_score is None and getattr(reward, "scores_empty", True)):
             return reward.score(prompts, texts).float()
-        scores = torch.full((len(texts),), float(self.cfg.empty_score))
+        scores = torch.zeros(len(texts))
         keep = [i for i in range(len(texts)) if i not in set(empty)]
         if keep:
             scores[keep] = reward.score([prompts[i] for i in keep], [texts[i] for i in keep]).float()
+        fill = self.cfg.empty_score if self.cfg.empty_score is not None else (
+            float(scores[keep].min()) if keep else 0.0)
+        scores[empty] = float(fill)
         return scores
 
     def on_policy(self, n: int) -> bool:
