@@ -74,8 +74,12 @@ def test_warm_experiment_quick_runs_end_to_end(tmp_path):
         # n = 1 is one random sample whatever the reward: the pool's mean gold reward.
         assert len({round(r["best_of_n"][k][0]["gold"], 9) for k in r["best_of_n"]}) == 1
         assert len(r["lmc"]["shared_init"]) == 3 and r["lmc"]["barrier"]["shared_init"] >= 0
-    md = (tmp_path / "results.md").read_text()
+    md = (tmp_path / "details.md").read_text()
     assert "| warm3 | 1 |" in md and "| **warm3** | mean |" in md
+    unified = json.loads((tmp_path / "experiment.json").read_text())
+    assert unified["schema"] == "lmlab.experiment/1" and unified["verdict"].split()[0] in (
+        "reproduced", "partly", "not")
+    assert {(r["arm"], r["seed"]) for r in unified["rows"]} >= {("warm3 @ 25% flipped", 0), ("single_best @ 0% flipped", 1)}
     for png in ("best_of_n.png", "lmc.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -127,4 +131,19 @@ def test_warm_experiment_baklava_arm(tmp_path):
     assert not torch.equal(bkl[0][key], shared[0][key])  # member 0 started from step-1, not the final SFT
     warm = load_state_dict(flip / "bkl_warm2" / "model.safetensors")
     assert torch.equal(warm[key], ((bkl[0][key].double() + bkl[1][key].double()) / 2).to(warm[key].dtype))
-    assert "| bkl_warm2 | 0 |" in (tmp_path / "results.md").read_text()
+    assert "| bkl_warm2 | 0 |" in (tmp_path / "details.md").read_text()
+    assert "| bkl_warm2 @ 25% flipped | 0 |" in (tmp_path / "results.md").read_text()
+
+
+def test_warm_verdict_from_rows():
+    exp = load()
+
+    def rows(w, e, single):
+        at = " @ 25% flipped"
+        return [{"arm": a + at, "seed": 0, "train_clean": v, "ood": v} for a, v in
+                (("warm10", w), ("ens10", e), ("single_best", single))]
+
+    assert exp.verdict(rows(0.7, 0.69, 0.68), 10, 0.25).startswith("reproduced")
+    # The doc's 3-seed means: ENS-10 0.694 > single 0.681, WARM-10 0.682.
+    v = exp.verdict(rows(0.682, 0.694, 0.681), 10, 0.25)
+    assert v.startswith("not reproduced") and "WARM-10 0.682, ENS-10 0.694, single 0.681" in v
