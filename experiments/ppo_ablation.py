@@ -1,7 +1,7 @@
 """Xu et al. (2024) Table 3 on SortWorld: vanilla PPO, then + advantage normalisation, +
 large batch, + EMA reference, one switch at a time, from one SFT policy.
 
-    lmlab run --run-dir runs/base                     # tokenizer .. sft, eval (the default recipe)
+    lmlab run --config experiments/ppo-base.yaml --run-dir runs/base   # see docs/experiments.md
     python experiments/ppo_ablation.py --run runs/base --out runs/ppo-ablation --seeds 0 1 2
 
 Each configuration trains `--iterations` rollouts with the dense gold reward and reports, on
