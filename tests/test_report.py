@@ -284,3 +284,31 @@ def test_unexpected_shapes_cost_a_section_not_the_page(fake_run):
     assert {"overview", "stage-dpo", "stage-ppo", "stage-sft"} <= sections_of(page)
     assert "dpo/stage.json: torn or unreadable" in page
     assert "could not be built" not in page
+
+
+def test_the_lifecycle_stages_own_report_shapes(tmp_path):
+    """The reward, warm and proxy stages' reports as those stages write them (the warm
+    stage's best single model carries string labels beside its accuracies; the proxy stage
+    gives the gap closed per alpha): the claim sections read them."""
+    run = tmp_path / "run"
+    write_json(run / "run.json", {"name": "lifecycle", "stages": ["reward", "warm", "proxy"]})
+    sets = {"train_clean": 0.6, "train_noisy": 0.55, "test_id": 0.58, "test_ood": 0.57}
+    write_json(run / "reward" / "reward_report.json", {
+        "method": "lora", "flip_rate": 0.25, "probe": {"model": "probe/model", "accuracy": sets},
+        "members": [{"name": f"member-{k}", "seed": k, "lr": 1e-3, "accuracy": dict(sets, test_id=0.5 + k / 10)}
+                    for k in range(2)]})
+    write_json(run / "warm" / "warm_report.json", {"flip_rate": 0.25, "members": 2, "accuracy": {
+        "best_single": {"chosen_by": "test_id", "member": "member-1", **sets}, "ens": sets,
+        "warm": dict(sets, test_ood=0.61)}})
+    write_json(run / "proxy" / "proxy_report.json", {
+        "metric": "gold_reward_dense", "gap": 1.0, "gap_closed": {"0.5": 0.5, "1.0": 0.875, "1.5": 0.9},
+        "proxy": {a: {"gold_reward_dense": v} for a, v in (("0.5", 0.0), ("1.0", 0.375), ("1.5", 0.4))},
+        "scores": {"large_base": {"gold_reward_dense": -0.5}, "large_tuned": {"gold_reward_dense": 0.5},
+                   "small_tuned": {"gold_reward_dense": 0.6}}})
+    for s in ("reward", "warm", "proxy"):
+        marker(run, s, 1.0)
+    page = build_report(run).read_text()
+    assert {"rewards", "proxy"} <= sections_of(page)
+    text = body_text(page)
+    assert "member-1" in text and "best_single" in text and "0.61" in text
+    assert "Gap closed: 88%" in text  # alpha 1's, not the sweep's mean

@@ -73,10 +73,19 @@ def _seeds_note(seeds: list) -> str:
 
 
 # ----------------------------------------------------------------------- reward models
+def _is_accuracy_row(v: Any) -> bool:
+    """{eval set: accuracy}: numbers (or None), beside which a row may carry labels (strings,
+    e.g. the warm stage's `chosen_by` and `member` of its best single model)."""
+    return (isinstance(v, dict) and any(is_number(x) for x in v.values())
+            and all(is_number(x) or x is None or isinstance(x, str) for x in v.values()))
+
+
 def _is_accuracy_table(v: Any) -> bool:
-    return (isinstance(v, dict) and bool(v) and all(
-        isinstance(row, dict) and row and all(is_number(x) or x is None for x in row.values())
-        for row in v.values()))
+    return isinstance(v, dict) and bool(v) and all(_is_accuracy_row(row) for row in v.values())
+
+
+def _numbers(row: dict) -> dict:
+    return {k: x for k, x in row.items() if is_number(x) or x is None}
 
 
 def reward_models(run: Run) -> Section | None:
@@ -112,9 +121,16 @@ def reward_models(run: Run) -> Section | None:
     # name -> {eval set: accuracy} mappings (single / ENS-M / WARM-M), grouped over seeds.
     groups: dict[tuple, list[tuple[Any, dict]]] = {}
     for where, obj in run.all_json():
+        named: dict[str, dict] = {}  # models listed one per record: {"name": ..., "accuracy": {set: x}}
         for node in walk(obj):
-            if _is_accuracy_table(node.get("accuracy")):
-                groups.setdefault((where, context(node)), []).append((node.get("seed"), node["accuracy"]))
+            acc = node.get("accuracy")
+            if _is_accuracy_table(acc):
+                groups.setdefault((where, context(node)), []).append(
+                    (node.get("seed"), {n: _numbers(row) for n, row in acc.items()}))
+            elif _is_accuracy_row(acc) and isinstance(node.get("name"), str):
+                named[node["name"]] = _numbers(acc)
+        if len(named) > 1:
+            groups.setdefault((where, ()), []).append((None, named))
     for (where, ctx), found in groups.items():
         names = list(dict.fromkeys(n for _, t in found for n in t))
         columns = _order({c for _, t in found for row in t.values() for c in row})
@@ -295,6 +311,8 @@ def proxy_tuning(run: Run) -> Section | None:
         for node in walk(obj):
             if "gap_closed" in node and (is_number(node["gap_closed"]) or node["gap_closed"] is None):
                 found.append((where, node))
+            elif isinstance(node.get("gap_closed"), dict) and isinstance(node.get("scores"), dict):
+                found.append((where, _proxy_stage_node(node)))
     if not found:
         return None
     scalars = []
@@ -324,9 +342,28 @@ def proxy_tuning(run: Run) -> Section | None:
     if series:
         refs = [(f"{k} (mean)", _mean(n.get(k) for _, n in found), ls)
                 for k, ls in (("large", ":"), ("large-tuned", "--")) if _mean(n.get(k) for _, n in found) is not None]
-        body += image(figures.line_plot(series, "α (strength of the expert's steer)", "held-out exact match",
-                                        "proxy-tuning: exact match vs α", hlines=refs), "proxy-tuning sweep over α")
+        body += image(figures.line_plot(series, "α (strength of the expert's steer)", "held-out score",
+                                        "proxy-tuning: held-out score vs α", hlines=refs), "proxy-tuning sweep over α")
     return Section("proxy", "Proxy-tuning: the fraction of the gap closed", body)
+
+
+def _proxy_stage_node(node: dict) -> dict:
+    """The proxy stage's report (gap closed per alpha, every model's scores under `metric`)
+    in the shape of an experiment's record: the gap closed at alpha 1 (the one nearest 1),
+    the sweep and the reference models' scores."""
+    metric = node.get("metric", "gold_reward_dense")
+    gaps = {a: g for a, g in node["gap_closed"].items() if _is_float(a) and (is_number(g) or g is None)}
+    nearest = min(gaps, key=lambda a: abs(float(a) - 1.0)) if gaps else None
+    scores = node["scores"]
+
+    def score(v):
+        return v.get(metric) if isinstance(v, dict) else None
+
+    sweep = node.get("proxy") if isinstance(node.get("proxy"), dict) else {}
+    return {"alpha": float(nearest) if nearest is not None else None,
+            "gap_closed": gaps.get(nearest) if nearest is not None else None,
+            "large": score(scores.get("large_base")), "large-tuned": score(scores.get("large_tuned")),
+            "small-tuned": score(scores.get("small_tuned")), "proxy": {a: score(v) for a, v in sweep.items()}}
 
 
 def _is_float(text: str) -> bool:
