@@ -137,7 +137,7 @@ def reward_models(run: Run) -> Section | None:
         means = {n: {c: _mean(t.get(n, {}).get(c) for _, t in found) for c in columns} for n in names}
         parts.append(f"<h3>{esc(context_text(where, ctx))}</h3>" + table(
             ("reward", *columns), [(n, *(means[n][c] for c in columns)) for n in names],
-            caption=f"pairwise accuracy ({_seeds_note([s for s, _ in found])}; ties count half)"))
+            caption=f"pairwise accuracy ({'; '.join(filter(None, [_seeds_note([s for s, _ in found]), 'ties count half']))})"))
         plotted = {n: {c: v for c, v in means[n].items() if v is not None} for n in names[:10]}
         parts.append(image(figures.grouped_bars(plotted, columns, context_text(where, ctx), "accuracy"),
                            f"accuracy per reward, {context_text(where, ctx)}"))
