@@ -97,14 +97,11 @@ def quiet(*_):
 # ---------------------------------------------------------------------------------------
 
 
-def build_bases(seed: int, out: Path, s: Settings) -> tuple[Path, Path, Path]:
-    """(world dir, SFT model, SFT model from another initialisation)."""
-    from lmlab.pipeline import load_recipe, run_pipeline
-    from lmlab.worlds.export import export_world
-
-    corpus_world = out / "world-corpus"
-    export_world("sort", corpus_world, seed=seed, n=s.world_n)
-    sets = ["stages=[tokenizer, shards, pretrain, world, sft]", "world.flip_rate=0", f"data.vocab_size={s.vocab}",
+def base_overrides(seed: int, s, corpus_world: Path, name: str) -> list[str]:
+    """The recipe overrides of the base run (tokenizer -> sft on the world's own corpus, clean
+    labels) that warm.py and warm_ppo.py share; `s` has world_n, vocab, model, pretrain_steps,
+    sft_steps and sft_checkpoint_every."""
+    return ["stages=[tokenizer, shards, pretrain, world, sft]", "world.flip_rate=0", f"data.vocab_size={s.vocab}",
             "data.seq_len=64", "data.val_fraction=0.05", f"data.source={corpus_world / 'corpus.jsonl'}",
             f"model={s.model}",
             f"train={{steps: {s.pretrain_steps}, batch_size: 16, lr: 3.0e-3, warmup_steps: 10, eval_every: 0, "
@@ -112,7 +109,17 @@ def build_bases(seed: int, out: Path, s: Settings) -> tuple[Path, Path, Path]:
             f"world.seed={seed}", f"world.n={s.world_n}", "sft.data.seq_len=64",
             f"sft.train={{steps: {s.sft_steps}, batch_size: 8, lr: 1.0e-2, warmup_steps: 5, log_every: 50, "
             f"precision: float32, progress: false, checkpoint_every: {s.sft_checkpoint_every}, keep_checkpoints: 0}}",
-            f"name=warm-base-{seed}"]
+            f"name={name}"]
+
+
+def build_bases(seed: int, out: Path, s: Settings) -> tuple[Path, Path, Path]:
+    """(world dir, SFT model, SFT model from another initialisation)."""
+    from lmlab.pipeline import load_recipe, run_pipeline
+    from lmlab.worlds.export import export_world
+
+    corpus_world = out / "world-corpus"
+    export_world("sort", corpus_world, seed=seed, n=s.world_n)
+    sets = base_overrides(seed, s, corpus_world, f"warm-base-{seed}")
     recipe, raw = load_recipe(RECIPE, sets)
     main = out / "base"
     if not (main / "sft" / "stage.json").is_file():

@@ -96,6 +96,18 @@ def quiet(*_):
 # ---------------------------------------------------------------------------------------
 
 
+def warm_experiment():
+    """experiments/warm.py as a module (its base-run overrides are this experiment's too)."""
+    import importlib.util
+
+    name = "lmlab_experiment_warm"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("warm.py"))
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def build_base(seed: int, out: Path, s: Settings) -> Path:
     """The run directory holding world/ and sft/ (with its step checkpoints)."""
     from lmlab.pipeline import load_recipe, run_pipeline
@@ -104,15 +116,7 @@ def build_base(seed: int, out: Path, s: Settings) -> Path:
     corpus_world = out / "world-corpus"
     if not (corpus_world / "world.json").is_file():
         export_world("sort", corpus_world, seed=seed, n=s.world_n)
-    sets = ["stages=[tokenizer, shards, pretrain, world, sft]", "world.flip_rate=0", f"data.vocab_size={s.vocab}",
-            "data.seq_len=64", "data.val_fraction=0.05", f"data.source={corpus_world / 'corpus.jsonl'}",
-            f"model={s.model}",
-            f"train={{steps: {s.pretrain_steps}, batch_size: 16, lr: 3.0e-3, warmup_steps: 10, eval_every: 0, "
-            f"log_every: 50, precision: float32, progress: false, seed: {seed}}}",
-            f"world.seed={seed}", f"world.n={s.world_n}", "sft.data.seq_len=64",
-            f"sft.train={{steps: {s.sft_steps}, batch_size: 8, lr: 1.0e-2, warmup_steps: 5, log_every: 50, "
-            f"precision: float32, progress: false, checkpoint_every: {s.sft_checkpoint_every}, keep_checkpoints: 0}}",
-            f"name=warm-ppo-base-{seed}"]
+    sets = warm_experiment().base_overrides(seed, s, corpus_world, f"warm-ppo-base-{seed}")
     recipe, raw = load_recipe(RECIPE, sets)
     run = out / "base"
     if not (run / "sft" / "stage.json").is_file():
