@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 from lmlab.config import from_mapping, load_yaml
 from lmlab.errors import LmlabError
 from lmlab.io import read_json, write_json_atomic, write_text_atomic
-from lmlab.stages.common import DataConfig
+from lmlab.stages.common import DataConfig, referenced_stage
 from lmlab.train.config import TrainConfig, apply_overrides
 
 MARKER = "stage.json"
@@ -213,9 +213,9 @@ def run_references(value: Any, stages: tuple[str, ...]) -> list[str]:
         elif isinstance(v, (list, tuple)):
             for x in v:
                 visit(x)
-        elif isinstance(v, str) and "/" in v and not v.startswith(("/", "~", ".")):
-            head = v.split("/", 1)[0]
-            if head in stages and head not in found:
+        else:
+            head = referenced_stage(v, stages)
+            if head is not None and head not in found:
                 found.append(head)
 
     visit(_jsonable(value))

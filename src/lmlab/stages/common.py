@@ -61,16 +61,24 @@ def require(path: Path, stage: str) -> Path:
     return path
 
 
+def referenced_stage(value: Any, stages) -> str | None:
+    """The stage a setting names when it is a run-relative path to that stage's output
+    (`warm/model`, `rejection/model`): its first component is one of `stages`. Absolute,
+    home- and dot-relative paths name files outside the run."""
+    if isinstance(value, str) and "/" in value and not value.startswith(("/", "~", ".")):
+        head = value.split("/", 1)[0]
+        return head if head in stages else None
+    return None
+
+
 def in_run(ctx, spec: Any) -> Any:
-    """A setting that names an earlier stage's output by a run-relative path (`warm/model`,
-    `rejection/model`; lmlab.pipeline.run_references) as the path inside this run; any other
-    value (an absolute path, "gold", a path outside the run) unchanged. Lists map item-wise."""
+    """A setting that names an earlier stage's output by a run-relative path
+    (`referenced_stage`) as the path inside this run; any other value (an absolute path,
+    "gold", a path outside the run) unchanged. Lists map item-wise."""
     if isinstance(spec, (list, tuple)):
         return type(spec)(in_run(ctx, s) for s in spec)
-    if isinstance(spec, str) and not spec.startswith(("/", "~", ".")) and spec.split("/", 1)[0] in ctx.recipe.stages \
-            and "/" in spec:
-        return str(require(ctx.run_dir / spec, spec.split("/", 1)[0]))
-    return spec
+    stage = referenced_stage(spec, ctx.recipe.stages)
+    return str(require(ctx.run_dir / spec, stage)) if stage else spec
 
 
 def policy_dir(ctx, setting: str) -> Path:
