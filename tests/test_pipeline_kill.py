@@ -94,10 +94,14 @@ def test_kill_in_pretrain_and_in_sft_then_resume_matches_uninterrupted(tmp_path,
 def test_random_kills_across_the_whole_run(tmp_path, corpus):
     """Killed at random moments (inside checkpoint writes too) until the run completes."""
     straight = tmp_path / "straight"
+    t0 = time.monotonic()
     run_to_end(straight, corpus, longer=True)
+    # Delays scale with this machine's speed, so several kills land before the run is done
+    # on a fast CPU as on a slow one (fixed 1-4 s delays let a fast machine finish first).
+    whole = time.monotonic() - t0
     run, rng, kills = tmp_path / "killed", random.Random(0), 0
     while not (run / "eval/stage.json").exists() and kills < 20:
-        delay = rng.uniform(1.0, 4.0)
+        delay = rng.uniform(0.1, 0.3) * whole
         start = time.monotonic()
         kill_when(run, corpus, run.exists(), lambda _: time.monotonic() - start > delay, longer=True)
         kills += 1
