@@ -1,6 +1,5 @@
 """The experiment scripts run end to end at toy scale (their numbers are in docs/experiments.md)
 and write the unified result form (lmlab.report.results) with a verdict computed from the rows."""
-import importlib.util
 import json
 import math
 import statistics
@@ -8,14 +7,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiment_module import load_experiment
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment(name)
 
 
 def unified(out: Path, arms_seeds: list[tuple[str, int]], script: str, report: bool = True) -> dict:

@@ -1,21 +1,14 @@
 """experiments/ppo_vs_dpo.py: the verifier's relabelling of the world's pairs (against the
 world's own ideal answers) on the default tier; the whole --quick run on the slow tier."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiment_module import load_experiment
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("ppo_vs_dpo_exp", ROOT / "experiments" / "ppo_vs_dpo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment('ppo_vs_dpo')
 
 
 def test_verifier_relabels_the_other_models_pairs(tmp_path):

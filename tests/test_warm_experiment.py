@@ -1,25 +1,18 @@
 """experiments/warm.py: its pure parts (accuracy, barrier, the clean/noisy pair alignment,
 checked against the labeller's own probabilities) on the default tier, the whole --quick
 run on the slow tier."""
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiment_module import load_experiment
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("warm_exp", ROOT / "experiments" / "warm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment('warm')
 
 
 def test_accuracy_and_barrier_by_hand():

@@ -2,23 +2,17 @@
 single RM is the best member on the validation pairs, WARM the float64 mean of the members),
 every arm starts from one policy and one rollout seed, and the win rates equal a count by
 hand from the gold reward of each policy's own greedy answers."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiment_module import load_experiment
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("warm_ppo_exp", ROOT / "experiments" / "warm_ppo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment('warm_ppo')
 
 
 def test_smoothing_tail_and_verdict_by_hand():
